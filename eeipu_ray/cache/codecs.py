@@ -1,0 +1,546 @@
+"""Codecs: how a stage output becomes bytes in the prefix cache, and back.
+
+A codec is chosen by the value's type; the first registered codec whose
+:meth:`Codec.matches` accepts the value encodes it. Built in, in order:
+
+=============  ==========================================================  =======================
+name           values                                                      format
+=============  ==========================================================  =======================
+``arrow``      ``pyarrow.Table``, ``pyarrow.RecordBatch``                  Arrow IPC file (or Parquet)
+``pandas``     ``pandas.DataFrame`` (through Arrow, index kept)            Arrow IPC file
+``torch``      ``torch.Tensor``, ``{str: torch.Tensor}`` (state dicts)     safetensors
+``numpy``      ``numpy.ndarray`` (not ``object`` dtype)                    ``.npy``
+``path``       ``pathlib.Path`` to a file or a directory (checkpoints)     the files themselves
+``json``       ``None``/bool/int/float/str, lists and str-keyed dicts      JSON
+``composite``  tuples, lists, dicts mixing any of the above                one part group per leaf
+``pickle``     anything; **only when the cache was opened with
+               ``allow_pickle=True``**: a shared cache is a trust boundary  pickle protocol 5
+=============  ==========================================================  =======================
+
+An encoded value is a set of named *parts* (bytes-like buffers) plus a small
+JSON ``meta`` dict; the cache stores, checksums and transfers parts without
+knowing what they mean.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import sys
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from eeipu_ray.errors import CodecError
+
+#: A bytes-like object: ``bytes``, ``bytearray``, ``memoryview``, ``pyarrow.Buffer``.
+Blob = Any
+#: An encoded part: one blob, or a sequence of blobs written back to back.
+PartData = Any
+
+_PART_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]*$")
+
+
+@dataclass
+class Encoded:
+    """A value in stored form.
+
+    Attributes:
+        codec: Name of the codec that produced it.
+        parts: ``{part_name: blob or [blobs]}``; part names are relative POSIX
+            paths made of safe components (checked by :func:`check_part_name`).
+        meta: JSON-able dict the codec needs to decode.
+    """
+
+    codec: str
+    parts: dict[str, PartData]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Codec(ABC):
+    """Turns values of some types into parts and back.
+
+    Subclass it and pass an instance in ``PrefixCache(codecs=[...])`` to store a
+    type the built-in codecs do not know; custom codecs are tried first.
+    """
+
+    #: Stored in the manifest; must be unique in a registry.
+    name: str = ""
+
+    @abstractmethod
+    def matches(self, value: Any) -> bool:
+        """Whether this codec can encode ``value``."""
+
+    @abstractmethod
+    def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
+        """Encode ``value``. ``registry`` lets container codecs encode children."""
+
+    @abstractmethod
+    def decode(
+        self,
+        parts: Mapping[str, Blob],
+        meta: Mapping[str, Any],
+        workdir: Path,
+        registry: CodecRegistry,
+    ) -> Any:
+        """Rebuild the value from verified parts. ``workdir`` is a private local
+        directory for codecs that materialize files."""
+
+
+# --------------------------------------------------------------------- arrow
+class ArrowCodec(Codec):
+    """``pyarrow.Table`` / ``RecordBatch`` as an Arrow IPC file (zero-copy reads),
+    or as Parquet with ``ArrowCodec(format="parquet")`` (smaller, slower)."""
+
+    name = "arrow"
+
+    def __init__(self, format: str = "ipc") -> None:  # noqa: A002 - mirrors pyarrow naming
+        if format not in ("ipc", "parquet"):
+            raise ValueError(f"ArrowCodec format must be 'ipc' or 'parquet', got {format!r}")
+        self.format = format
+
+    def matches(self, value: Any) -> bool:
+        if "pyarrow" not in sys.modules:
+            return False
+        import pyarrow as pa
+
+        return isinstance(value, pa.Table | pa.RecordBatch)
+
+    def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
+        import pyarrow as pa
+
+        kind = "batch" if isinstance(value, pa.RecordBatch) else "table"
+        table = pa.Table.from_batches([value]) if kind == "batch" else value
+        sink = pa.BufferOutputStream()
+        if self.format == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, sink)
+        else:
+            with pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+        return Encoded(self.name, {"data": sink.getvalue()}, {"kind": kind, "format": self.format})
+
+    def decode(self, parts, meta, workdir, registry):
+        import pyarrow as pa
+
+        buf = pa.py_buffer(parts["data"])
+        if meta.get("format") == "parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(pa.BufferReader(buf))
+        else:
+            table = pa.ipc.open_file(pa.BufferReader(buf)).read_all()
+        if meta.get("kind") == "batch":
+            return table.combine_chunks().to_batches()[0] if table.num_rows else (
+                pa.RecordBatch.from_pylist([], schema=table.schema)
+            )
+        return table
+
+
+class PandasCodec(Codec):
+    """``pandas.DataFrame`` through Arrow (index and dtypes kept by pandas metadata)."""
+
+    name = "pandas"
+
+    def matches(self, value: Any) -> bool:
+        if "pandas" not in sys.modules:
+            return False
+        import pandas as pd
+
+        return isinstance(value, pd.DataFrame)
+
+    def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
+        import pyarrow as pa
+
+        try:
+            table = pa.Table.from_pandas(value)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise CodecError(f"DataFrame cannot be stored as Arrow: {exc}") from exc
+        enc = ArrowCodec().encode(table, registry)
+        return Encoded(self.name, enc.parts, enc.meta)
+
+    def decode(self, parts, meta, workdir, registry):
+        return ArrowCodec().decode(parts, meta, workdir, registry).to_pandas()
+
+
+# --------------------------------------------------------------------- torch
+class TorchCodec(Codec):
+    """A ``torch.Tensor`` or a ``{str: Tensor}`` state dict, as safetensors.
+
+    Tensors that share storage (tied weights, e.g. T5's embeddings) are stored
+    once and tied again on load. Tensors come back on the CPU.
+    """
+
+    name = "torch"
+
+    def matches(self, value: Any) -> bool:
+        if "torch" not in sys.modules:
+            return False
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return True
+        return (
+            isinstance(value, Mapping)
+            and len(value) > 0
+            and all(isinstance(k, str) for k in value)
+            and all(isinstance(v, torch.Tensor) for v in value.values())
+        )
+
+    def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
+        import torch
+        from safetensors.torch import save
+
+        single = isinstance(value, torch.Tensor)
+        tensors = {"tensor": value} if single else dict(value)
+        unique: dict[str, torch.Tensor] = {}
+        aliases: dict[str, str] = {}
+        first_by_view: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], str], str] = {}
+        for name, t in tensors.items():
+            t = t.detach()
+            if t.is_sparse:
+                raise CodecError(f"tensor {name!r} is sparse; convert it with .to_dense()")
+            view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                    tuple(t.stride()), str(t.dtype))
+            if t.numel() > 0 and view in first_by_view:
+                aliases[name] = first_by_view[view]
+                continue
+            first_by_view[view] = name
+            # safetensors refuses tensors sharing storage: store a compact copy.
+            unique[name] = t.to("cpu").contiguous().clone()
+        data = save(unique)
+        return Encoded(self.name, {"data": data}, {"single": single, "aliases": aliases})
+
+    def decode(self, parts, meta, workdir, registry):
+        from safetensors.torch import load
+
+        tensors = load(bytes(parts["data"]))
+        for name, target in meta.get("aliases", {}).items():
+            tensors[name] = tensors[target]
+        if meta.get("single"):
+            return tensors["tensor"]
+        return tensors
+
+
+# --------------------------------------------------------------------- numpy
+class NumpyCodec(Codec):
+    """``numpy.ndarray`` in ``.npy`` format (no pickled object arrays)."""
+
+    name = "numpy"
+
+    def matches(self, value: Any) -> bool:
+        if "numpy" not in sys.modules:
+            return False
+        import numpy as np
+
+        return isinstance(value, np.ndarray) and not value.dtype.hasobject
+
+    def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
+        import numpy as np
+
+        header = io.BytesIO()
+        arr = np.ascontiguousarray(value) if not value.flags.f_contiguous else value
+        np.lib.format.write_array_header_2_0(
+            header, np.lib.format.header_data_from_array_1_0(arr)
+        )
+        body = memoryview(arr.reshape(-1, order="A")).cast("B") if arr.size else b""
+        return Encoded(self.name, {"data": [header.getvalue(), body]}, {})
+
+    def decode(self, parts, meta, workdir, registry):
+        import numpy as np
+
+        buf = memoryview(parts["data"]).cast("B")
+        stream = io.BytesIO(buf[:65536 + 16].tobytes())  # header is small; body stays zero-copy
+        version = np.lib.format.read_magic(stream)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(stream)
+        offset = stream.tell()
+        count = 1
+        for n in shape:
+            count *= n
+        arr = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+        return arr.reshape(shape, order="F" if fortran else "C")
+
+
+# ---------------------------------------------------------------------- path
+class PathCodec(Codec):
+    """A ``pathlib.Path`` to a file or directory (model checkpoints): the files
+    are stored as they are, and come back as a fresh local copy under the
+    trial's work directory. Symbolic links are refused: they could point
+    anywhere on the reading machine."""
+
+    name = "path"
+
+    def matches(self, value: Any) -> bool:
+        return isinstance(value, Path)
+
+    def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
+        path = Path(value)
+        if path.is_symlink():
+            raise CodecError(f"path {str(path)!r} is a symbolic link; store the target instead")
+        if path.is_file():
+            return Encoded(self.name, {"file": _read_file(path)}, {"kind": "file", "name": path.name})
+        if not path.is_dir():
+            raise CodecError(f"path {str(path)!r} does not exist or is not a file or directory")
+        parts: dict[str, PartData] = {}
+        dirs: list[str] = []
+        files: list[str] = []
+        for root, dirnames, filenames in os.walk(path):
+            rel_root = Path(root).relative_to(path)
+            for d in sorted(dirnames):
+                if (Path(root) / d).is_symlink():
+                    raise CodecError(f"{Path(root) / d} is a symbolic link; refusing to store it")
+                dirs.append((rel_root / d).as_posix())
+            for f in sorted(filenames):
+                full = Path(root) / f
+                if full.is_symlink():
+                    raise CodecError(f"{full} is a symbolic link; refusing to store it")
+                # Parts get neutral names; the real relative paths travel in meta.
+                parts[f"f{len(files)}"] = _read_file(full)
+                files.append((rel_root / f).as_posix())
+        meta = {"kind": "dir", "name": path.name, "dirs": dirs, "files": files}
+        return Encoded(self.name, parts, meta)
+
+    def decode(self, parts, meta, workdir, registry):
+        name = _safe_relative(str(meta.get("name") or "value"))
+        dest_root = Path(workdir) / f"restored-{uuid.uuid4().hex[:12]}"
+        dest_root.mkdir(parents=True, exist_ok=False)
+        dest = dest_root / name
+        if meta.get("kind") == "file":
+            dest.write_bytes(memoryview(parts["file"]))
+            return dest
+        dest.mkdir()
+        for d in meta.get("dirs", []):
+            (dest / _safe_relative(d)).mkdir(parents=True, exist_ok=True)
+        for i, rel in enumerate(meta.get("files", [])):
+            target = dest / _safe_relative(rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(memoryview(parts[f"f{i}"]))
+        return dest
+
+
+def _safe_relative(rel: str) -> str:
+    pure = PurePosixPath(rel)
+    if (not rel or pure.is_absolute() or "\\" in rel or "\x00" in rel
+            or any(c in ("", ".", "..") for c in pure.parts)):
+        raise CodecError(f"stored path {rel!r} is not a safe relative path; refusing to restore it")
+    return rel
+
+
+def _read_file(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+# ---------------------------------------------------------------------- json
+class JsonCodec(Codec):
+    """Values that survive a JSON round trip exactly: ``None``, bool, int, float
+    (NaN and infinities included), str, lists, and dicts with str keys.
+    Tuples are left to the composite codec so they come back as tuples."""
+
+    name = "json"
+
+    def matches(self, value: Any) -> bool:
+        return _json_exact(value)
+
+    def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
+        return Encoded(self.name, {"data": json.dumps(value).encode()}, {})
+
+    def decode(self, parts, meta, workdir, registry):
+        return json.loads(bytes(parts["data"]))
+
+
+def _json_exact(value: Any, depth: int = 0) -> bool:
+    if depth > 200:
+        return False
+    if value is None or type(value) in (bool, int, float, str):
+        return True
+    if type(value) is list:
+        return all(_json_exact(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _json_exact(v, depth + 1) for k, v in value.items())
+    return False
+
+
+# ----------------------------------------------------------------- composite
+class CompositeCodec(Codec):
+    """Tuples, lists and str-keyed dicts whose leaves other codecs can store,
+    e.g. ``(X_train, y_train)`` or ``{"model": state_dict, "vocab": Path(...)}``."""
+
+    name = "composite"
+
+    def matches(self, value: Any) -> bool:
+        return isinstance(value, tuple | list) or (
+            isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        )
+
+    def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
+        parts: dict[str, PartData] = {}
+        counter = [0]
+
+        def walk(v: Any) -> Any:
+            if v is None or type(v) in (bool, int, float, str):
+                return {"t": "v", "v": v}
+            if isinstance(v, tuple | list) and not _is_leaf_type(v, registry):
+                return {"t": "tuple" if isinstance(v, tuple) else "list",
+                        "items": [walk(x) for x in v]}
+            if type(v) is dict and all(isinstance(k, str) for k in v) and not _is_leaf_type(
+                v, registry
+            ):
+                return {"t": "dict", "items": [[k, walk(x)] for k, x in v.items()]}
+            leaf_id = f"l{counter[0]}"
+            counter[0] += 1
+            enc = registry.encode_leaf(v)
+            for pname, pdata in enc.parts.items():
+                parts[f"{leaf_id}/{pname}"] = pdata
+            return {"t": "leaf", "id": leaf_id, "codec": enc.codec, "meta": enc.meta}
+
+        tree = walk(value)
+        return Encoded(self.name, parts, {"tree": tree})
+
+    def decode(self, parts, meta, workdir, registry):
+        def build(node: Mapping[str, Any]) -> Any:
+            t = node["t"]
+            if t == "v":
+                return node["v"]
+            if t in ("tuple", "list"):
+                items = [build(x) for x in node["items"]]
+                return tuple(items) if t == "tuple" else items
+            if t == "dict":
+                return {k: build(x) for k, x in node["items"]}
+            prefix = node["id"] + "/"
+            sub = {k[len(prefix):]: v for k, v in parts.items() if k.startswith(prefix)}
+            return registry.get(node["codec"]).decode(sub, node["meta"], workdir, registry)
+
+        return build(meta["tree"])
+
+
+def _is_leaf_type(value: Any, registry: CodecRegistry) -> bool:
+    # A container that a non-container codec claims (a state dict) is a leaf.
+    return any(
+        c.name not in ("json", "composite", "pickle") and c.matches(value) for c in registry.codecs
+    )
+
+
+# -------------------------------------------------------------------- pickle
+class PickleCodec(Codec):
+    """Anything picklable. Only active when the cache has ``allow_pickle=True``:
+    unpickling runs code, so every writer of a shared cache must be trusted."""
+
+    name = "pickle"
+
+    def matches(self, value: Any) -> bool:
+        return True
+
+    def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
+        import pickle
+
+        try:
+            return Encoded(self.name, {"data": pickle.dumps(value, protocol=5)}, {})
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise CodecError(f"value of type {type(value).__name__} cannot be pickled: {exc}") from exc
+
+    def decode(self, parts, meta, workdir, registry):
+        import pickle
+
+        return pickle.loads(memoryview(parts["data"]))
+
+
+# ------------------------------------------------------------------ registry
+def default_codecs() -> list[Codec]:
+    return [ArrowCodec(), PandasCodec(), TorchCodec(), NumpyCodec(), PathCodec(), JsonCodec(),
+            CompositeCodec()]
+
+
+class CodecRegistry:
+    """The ordered codecs a cache uses; custom codecs come before the built-ins.
+
+    Args:
+        codecs: Extra codecs, tried first.
+        allow_pickle: Add the pickle codec as the last resort (and allow decoding
+            pickled entries). Off by default.
+    """
+
+    def __init__(self, codecs: Sequence[Codec] = (), allow_pickle: bool = False) -> None:
+        self.allow_pickle = allow_pickle
+        self.codecs: list[Codec] = [*codecs, *default_codecs()]
+        if allow_pickle:
+            self.codecs.append(PickleCodec())
+        names = [c.name for c in self.codecs]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes or "" in names:
+            raise ValueError(f"codec names must be unique and non-empty; repeated: {sorted(dupes)}")
+        self._by_name = {c.name: c for c in reversed(self.codecs)}
+
+    def get(self, name: str) -> Codec:
+        if name == "pickle" and not self.allow_pickle:
+            raise CodecError(
+                "this cache entry was stored with pickle, and the cache was opened without "
+                "allow_pickle=True; open it with allow_pickle=True only if you trust every writer"
+            )
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise CodecError(
+                f"no codec named {name!r} is registered (have: {sorted(self._by_name)}); "
+                "pass the custom codec that wrote this entry in PrefixCache(codecs=[...])"
+            ) from None
+
+    def encode(self, value: Any, *, stage: str | None = None) -> Encoded:
+        """Encode a stage output; a :class:`CodecError` names the stage when no codec fits."""
+        try:
+            enc = self.encode_leaf(value)
+        except CodecError as exc:
+            where = f"stage {stage!r}: " if stage else ""
+            raise CodecError(f"{where}{exc}") from exc
+        for part in enc.parts:
+            check_part_name(part)
+        return enc
+
+    def encode_leaf(self, value: Any) -> Encoded:
+        for codec in self.codecs:
+            if codec.matches(value):
+                return codec.encode(value, self)
+        hint = "" if self.allow_pickle else (
+            "; return Arrow/NumPy/torch/JSON values or a pathlib.Path, register a Codec, or "
+            "open the cache with allow_pickle=True if every writer is trusted"
+        )
+        raise CodecError(f"no codec can store a value of type {type(value).__module__}."
+                         f"{type(value).__qualname__}{hint}")
+
+    def decode(self, codec: str, parts: Mapping[str, Blob], meta: Mapping[str, Any],
+               workdir: Path) -> Any:
+        return self.get(codec).decode(parts, meta, workdir, self)
+
+
+def check_part_name(name: str) -> str:
+    """Reject part names that could escape an entry's directory."""
+    pure = PurePosixPath(name)
+    if (
+        not name
+        or pure.is_absolute()
+        or "\\" in name
+        or any(not _PART_COMPONENT_RE.match(c) or c in (".", "..") for c in pure.parts)
+    ):
+        raise CodecError(
+            f"part name {name!r} is not a safe relative path (letters, digits, '_.=+-' per "
+            "component, no '..', not absolute)"
+        )
+    return name
+
+
+def part_size(data: PartData) -> int:
+    if isinstance(data, list | tuple):
+        return sum(memoryview(b).nbytes for b in data)
+    return memoryview(data).nbytes
+
+
+def iter_blobs(data: PartData) -> list[Blob]:
+    return list(data) if isinstance(data, list | tuple) else [data]

@@ -1,0 +1,440 @@
+"""`PrefixCache`: stage outputs keyed by prefix key, over one or two storage layers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eeipu_ray.cache.codecs import Codec, CodecRegistry, Encoded, part_size
+from eeipu_ray.cache.fs_store import FsStore, StoredEntry
+from eeipu_ray.cache.manifest import (
+    EntryMeta,
+    FileRecord,
+    Manifest,
+    checksum,
+    producer_info,
+    verify_part,
+)
+from eeipu_ray.errors import CacheConfigError, CacheIntegrityError, CodecError
+from eeipu_ray.pipeline.keys import check_key
+
+logger = logging.getLogger("eeipu_ray.cache")
+
+DEFAULT_CACHE_DIR_ENV = "EEIPU_CACHE_DIR"
+
+
+def default_cache_dir() -> str:
+    """``$EEIPU_CACHE_DIR``, else ``~/.cache/eeipu-ray/prefix-cache``."""
+    return os.environ.get(DEFAULT_CACHE_DIR_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "eeipu-ray", "prefix-cache"
+    )
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    """A loaded entry.
+
+    Attributes:
+        value: The decoded stage output.
+        manifest: The entry's manifest (compute seconds of each stage, producer...).
+        seconds: Wall-clock seconds this load took (read, verify, decode).
+        layer: ``"object_store"`` or ``"durable"``.
+    """
+
+    value: Any
+    manifest: Manifest
+    seconds: float
+    layer: str
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    key: str
+    bytes: int
+    seconds: float
+    published: bool  # False: another writer's entry for this key was already there
+
+
+class PrefixCache:
+    """A cache of pipeline stage outputs, keyed by prefix key.
+
+    Layers:
+
+    * a durable layer on any fsspec URL: a local directory (the default,
+      ``$EEIPU_CACHE_DIR`` or ``~/.cache/eeipu-ray/prefix-cache``), ``s3://bucket/prefix``
+      (s3fs; endpoint, credentials and region from the AWS environment or
+      ``storage_options``), or another fsspec filesystem;
+    * optionally, the Ray object store as a fast in-cluster layer in front of it
+      (``object_store="name"``): a named, detached actor owns the objects, so they
+      outlive the trial that produced them. With ``url=None`` and an
+      ``object_store`` name, the object store is the only layer.
+
+    Entries are published atomically and carry per-file checksums; a partial,
+    corrupted or mismatched entry is a miss: it is removed and logged, never
+    handed to a stage. ``byte_budget`` bounds the durable layer with
+    least-recently-used eviction; pinned prefixes are never evicted.
+
+    Args:
+        url: Durable location, or ``None`` (see above).
+        object_store: Name of the Ray object-store layer, or ``None``.
+        byte_budget: Bytes the durable layer may hold; ``None`` for no limit.
+        object_store_budget: Bytes the object-store layer may hold.
+        allow_pickle: Store values no codec knows with pickle, and read pickled
+            entries. Only for caches whose writers you all trust.
+        codecs: Extra codecs, tried before the built-in ones.
+        storage_options: fsspec options for ``url`` (never logged or shown).
+        touch_interval: Seconds between "last used" updates of one entry.
+
+    Example:
+        >>> cache = PrefixCache("/tmp/eeipu-cache", byte_budget=10 * 2**30)
+        >>> cache = PrefixCache("s3://my-bucket/sweeps/t5", object_store="t5-sweep")
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str] | None = None,
+        *,
+        object_store: str | None = None,
+        byte_budget: int | None = None,
+        object_store_budget: int | None = None,
+        allow_pickle: bool = False,
+        codecs: Sequence[Codec] = (),
+        storage_options: Mapping[str, Any] | None = None,
+        touch_interval: float = 30.0,
+    ) -> None:
+        if url is None and object_store is None:
+            url = default_cache_dir()
+        if url is not None and not isinstance(url, str | os.PathLike):
+            raise CacheConfigError(f"cache url must be a string or path, got {url!r}")
+        for name, budget in (("byte_budget", byte_budget),
+                             ("object_store_budget", object_store_budget)):
+            if budget is not None and (not isinstance(budget, int) or budget <= 0):
+                raise CacheConfigError(f"{name} must be a positive int of bytes, got {budget!r}")
+        if object_store is not None and (not isinstance(object_store, str) or not object_store):
+            raise CacheConfigError(f"object_store must be a non-empty name, got {object_store!r}")
+        if url is not None:
+            url = os.fspath(url)
+            if "://" not in url:
+                # Ray Tune runs trials in their own working directory: pin local paths.
+                url = os.path.abspath(os.path.expanduser(url))
+        self.url = url
+        self.object_store = object_store
+        self.byte_budget = byte_budget
+        self.object_store_budget = object_store_budget
+        self.allow_pickle = allow_pickle
+        self.touch_interval = touch_interval
+        self.codecs = CodecRegistry(codecs, allow_pickle=allow_pickle)
+        self._durable = FsStore(self.url, storage_options) if self.url is not None else None
+        self._l1: Any = None
+        self._touched: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        layers = [f"url={self.url!r}"] if self.url else []
+        if self.object_store:
+            layers.append(f"object_store={self.object_store!r}")
+        return f"PrefixCache({', '.join(layers)})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_l1": None, "_touched": {}}
+
+    # ---------------------------------------------------------------- layers
+    @property
+    def durable(self) -> FsStore | None:
+        return self._durable
+
+    @property
+    def l1(self) -> Any:
+        """The object-store layer client (``None`` without one)."""
+        if self.object_store is None:
+            return None
+        if self._l1 is None:
+            from eeipu_ray.cache.ray_store import ObjectStoreLayer
+
+            self._l1 = ObjectStoreLayer(self.object_store, self.object_store_budget)
+        return self._l1
+
+    # ----------------------------------------------------------------- reads
+    def contains(self, key: str) -> bool:
+        """Whether a complete entry for ``key`` is visible (no payload is read)."""
+        check_key(key)
+        if self.l1 is not None and self.l1.contains(key):
+            return True
+        return self._durable is not None and self._durable.exists(key)
+
+    def load(self, key: str, *, workdir: str | os.PathLike[str] | None = None) -> CacheHit | None:
+        """Load and decode the entry for ``key``; ``None`` on a miss.
+
+        A partial, corrupted or mismatched entry is removed, logged, and
+        reported as a miss.
+
+        Args:
+            key: A prefix key.
+            workdir: Local directory where codecs that restore files (``Path``
+                values) put them; a temporary directory by default.
+        """
+        check_key(key)
+        start = time.perf_counter()
+        workdir_path = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(
+            prefix="eeipu-restore-"))
+        if self.l1 is not None:
+            found = self.l1.get(key)
+            if found is not None:
+                manifest, parts = found
+                value = self._decode(key, manifest, parts, workdir_path, layer="object_store")
+                if value is not _MISS:
+                    return CacheHit(value, manifest, time.perf_counter() - start, "object_store")
+        if self._durable is None:
+            return None
+        manifest = self._read_manifest(key)
+        if manifest is None:
+            return None
+        try:
+            parts = {f.name: self._durable.read_part(key, manifest.data_dir, f.name)
+                     for f in manifest.files}
+        except FileNotFoundError as exc:
+            self._drop(key, manifest.stage, f"partial entry, missing data ({exc.filename})")
+            return None
+        value = self._decode(key, manifest, parts, workdir_path, layer="durable")
+        if value is _MISS:
+            return None
+        self._touch(key)
+        if self.l1 is not None:  # promote; the durable copy stays authoritative
+            self.l1.put(key, manifest, parts)
+        return CacheHit(value, manifest, time.perf_counter() - start, "durable")
+
+    def manifest(self, key: str) -> Manifest | None:
+        """The manifest of ``key``'s entry (checked against the key), or ``None``."""
+        check_key(key)
+        if self.l1 is not None:
+            found = self.l1.manifest(key)
+            if found is not None:
+                return found
+        return self._read_manifest(key) if self._durable is not None else None
+
+    def verify(self, key: str) -> Manifest:
+        """Read and checksum every part of the durable entry; raise
+        :class:`CacheIntegrityError` instead of dropping it."""
+        assert self._durable is not None, "verify needs a durable layer"
+        raw = self._durable.read_manifest(check_key(key))
+        if raw is None:
+            raise CacheIntegrityError(f"no entry for key {key[:16]}...")
+        manifest = Manifest.from_json(raw, key)
+        for record in manifest.files:
+            try:
+                blob = self._durable.read_part(key, manifest.data_dir, record.name)
+            except FileNotFoundError as exc:
+                raise CacheIntegrityError(f"part {record.name!r} is missing") from exc
+            verify_part(record, blob)
+        return manifest
+
+    def _read_manifest(self, key: str) -> Manifest | None:
+        assert self._durable is not None
+        raw = self._durable.read_manifest(key)
+        if raw is None:
+            return None
+        try:
+            return Manifest.from_json(raw, key)
+        except CacheIntegrityError as exc:
+            self._drop(key, None, str(exc))
+            return None
+
+    def _decode(self, key: str, manifest: Manifest, parts: Mapping[str, Any], workdir: Path,
+                layer: str) -> Any:
+        try:
+            if set(parts) != {f.name for f in manifest.files}:
+                raise CacheIntegrityError("parts do not match the manifest's file list")
+            for record in manifest.files:
+                verify_part(record, parts[record.name])
+            workdir.mkdir(parents=True, exist_ok=True)
+            return self.codecs.decode(manifest.codec, parts, manifest.codec_meta, workdir)
+        except CacheIntegrityError as exc:
+            self._drop(key, manifest.stage, str(exc), layer=layer)
+        except CodecError as exc:
+            # Written by a codec or setting this reader lacks: a miss, but not
+            # corrupt; leave it for the readers that can use it.
+            logger.warning("prefix cache: cannot decode entry %s (stage %r): %s",
+                           key[:12], manifest.stage, exc)
+        except Exception as exc:  # noqa: BLE001 - a codec choking on verified bytes
+            self._drop(key, manifest.stage, f"decode failed: {exc!r}", layer=layer)
+        return _MISS
+
+    def _drop(self, key: str, stage: str | None, reason: str, layer: str = "durable") -> None:
+        logger.warning(
+            "prefix cache: dropping entry %s%s from the %s layer and treating it as a miss: %s",
+            key[:12], f" (stage {stage!r})" if stage else "", layer, reason,
+        )
+        if layer == "object_store" and self.l1 is not None:
+            self.l1.delete(key)
+        elif self._durable is not None:
+            self._durable.delete(key)
+
+    def _touch(self, key: str) -> None:
+        now = time.monotonic()
+        if now - self._touched.get(key, -1e18) >= self.touch_interval:
+            self._touched[key] = now
+            assert self._durable is not None
+            self._durable.touch(key)
+
+    # ---------------------------------------------------------------- writes
+    def store(self, key: str, value: Any, meta: EntryMeta) -> StoreResult:
+        """Encode and publish ``value`` as the entry for ``key``.
+
+        Raises:
+            CodecError: naming the stage when no codec can store the value.
+            CacheIntegrityError: when ``meta`` does not produce ``key``.
+        """
+        check_key(key)
+        start = time.perf_counter()
+        if meta.expected_key() != key:
+            raise CacheIntegrityError(
+                f"stage {meta.stage_names[-1]!r}: entry metadata does not produce key {key[:16]}"
+            )
+        encoded = self.codecs.encode(value, stage=meta.stage_names[-1])
+        files = tuple(FileRecord(name, part_size(data), checksum(data))
+                      for name, data in encoded.parts.items())
+        producer = producer_info(meta.trial_id)
+
+        def manifest_for(data_dir: str) -> Manifest:
+            return Manifest(key=key, meta=meta, codec=encoded.codec, codec_meta=encoded.meta,
+                            data_dir=data_dir, files=files, created_at=time.time(),
+                            producer=producer)
+
+        published = False
+        if self._durable is not None:
+            published, _ = self._durable.publish(
+                key, encoded.parts, lambda d: manifest_for(d).to_json())
+        if self.l1 is not None:
+            l1_published = self.l1.put(key, manifest_for("d-object-store"), _flatten(encoded))
+            published = published if self._durable is not None else l1_published
+        total = sum(f.size for f in files)
+        if self.byte_budget is not None and self._durable is not None:
+            self.evict()
+        return StoreResult(key, total, time.perf_counter() - start, published)
+
+    def delete(self, key: str) -> None:
+        check_key(key)
+        if self.l1 is not None:
+            self.l1.delete(key)
+        if self._durable is not None:
+            self._durable.delete(key)
+
+    # ------------------------------------------------------------------ pins
+    def pin(self, key: str) -> None:
+        """Protect ``key``'s entry from eviction (the searcher means to reuse it)."""
+        check_key(key)
+        if self._durable is not None:
+            self._durable.pin(key)
+        if self.l1 is not None:
+            self.l1.pin(key)
+
+    def unpin(self, key: str) -> None:
+        check_key(key)
+        if self._durable is not None:
+            self._durable.unpin(key)
+        if self.l1 is not None:
+            self.l1.unpin(key)
+
+    def pinned(self) -> set[str]:
+        keys: set[str] = set()
+        if self._durable is not None:
+            keys |= self._durable.pinned()
+        if self.l1 is not None:
+            keys |= self.l1.pinned()
+        return keys
+
+    # ------------------------------------------------------ listing & budget
+    def entries(self) -> list[StoredEntry]:
+        """Durable entries, complete or not, with size and last use."""
+        return self._durable.entries() if self._durable is not None else []
+
+    def stats(self) -> dict[str, Any]:
+        entries = [e for e in self.entries() if e.complete]
+        out: dict[str, Any] = {
+            "url": self.url,
+            "entries": len(entries),
+            "bytes": sum(e.bytes for e in entries),
+            "pinned": sum(e.pinned for e in entries),
+            "byte_budget": self.byte_budget,
+        }
+        if self.l1 is not None:
+            out["object_store"] = self.l1.stats()
+        return out
+
+    def evict(self, target_bytes: int | None = None) -> list[str]:
+        """Evict least-recently-used, unpinned durable entries until the layer
+        holds at most ``target_bytes`` (default: ``byte_budget``). Returns the
+        evicted keys. Pinned entries are kept even if that leaves it over budget."""
+        limit = self.byte_budget if target_bytes is None else target_bytes
+        if limit is None or self._durable is None:
+            return []
+        entries = self._durable.entries()
+        total = sum(e.bytes for e in entries)
+        evicted: list[str] = []
+        for entry in sorted(entries, key=lambda e: e.last_used):
+            if total <= limit:
+                break
+            if entry.pinned:
+                continue
+            self._durable.delete(entry.key)
+            total -= entry.bytes
+            evicted.append(entry.key)
+        if evicted:
+            logger.info("prefix cache: evicted %d entries (LRU) to stay within %d bytes",
+                        len(evicted), limit)
+        if total > limit:
+            logger.warning("prefix cache holds %d bytes, over its %d budget, in pinned entries",
+                           total, limit)
+        return evicted
+
+    def gc(self, older_than: float = 3600.0) -> list[str]:
+        """Remove leftovers of interrupted writes (unreferenced data, temp files)
+        older than ``older_than`` seconds. Returns the removed paths."""
+        if self._durable is None:
+            return []
+        removed = list(self._durable.iter_orphans(older_than))
+        for path in removed:
+            self._durable.remove_path(path)
+        return removed
+
+    def clear(self) -> None:
+        """Remove every entry and pin (both layers)."""
+        for entry in self.entries():
+            self._durable.delete(entry.key)  # type: ignore[union-attr]
+        for key in self.pinned():
+            self.unpin(key)
+        if self.l1 is not None:
+            self.l1.clear()
+
+
+class _Miss:
+    pass
+
+
+_MISS = _Miss()
+
+
+def _flatten(encoded: Encoded) -> dict[str, Any]:
+    """Parts as single contiguous NumPy byte arrays, for zero-copy transport
+    through the Ray object store."""
+    import numpy as np
+
+    from eeipu_ray.cache.codecs import iter_blobs
+
+    out: dict[str, Any] = {}
+    for name, data in encoded.parts.items():
+        blobs = iter_blobs(data)
+        if len(blobs) == 1:
+            out[name] = np.frombuffer(memoryview(blobs[0]).cast("B"), dtype=np.uint8)
+        else:
+            out[name] = np.concatenate(
+                [np.frombuffer(memoryview(b).cast("B"), dtype=np.uint8) for b in blobs]
+            ) if blobs else np.empty(0, np.uint8)
+    return out
+
+

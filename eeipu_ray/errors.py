@@ -1,0 +1,56 @@
+"""Exception and warning types of eeipu-ray.
+
+Every error the project raises on purpose derives from :class:`EEIPUError`, so a
+caller can tell "the library refused this input" from "something crashed". The
+messages name the culprit (stage, key, value) and say what to do.
+"""
+
+from __future__ import annotations
+
+
+class EEIPUError(Exception):
+    """Base class of every error raised on purpose by eeipu-ray."""
+
+
+class PipelineDefinitionError(EEIPUError, ValueError):
+    """A pipeline or stage was declared wrongly (names, search space, versions)."""
+
+
+class ConfigError(EEIPUError, ValueError):
+    """A configuration given to a pipeline does not fit its search space."""
+
+
+class PrefixKeyError(EEIPUError, ValueError):
+    """A hyperparameter value cannot be turned into a deterministic prefix key."""
+
+
+class CacheError(EEIPUError):
+    """The prefix cache could not complete an operation."""
+
+
+class CacheConfigError(CacheError, ValueError):
+    """A cache URL or cache option is invalid."""
+
+
+class CodecError(CacheError, TypeError):
+    """A stage output has no codec, or a codec cannot encode/decode a value."""
+
+
+class CacheIntegrityError(CacheError):
+    """A cache entry is partial, corrupted or does not match its key.
+
+    Readers never raise this to a stage: such an entry is a miss. It is raised
+    only by explicit verification calls (``PrefixCache.verify``).
+    """
+
+
+class StageExecutionError(EEIPUError, RuntimeError):
+    """A stage function raised; the message names the stage and its hyperparameters."""
+
+
+class EEIPUWarning(UserWarning):
+    """Base class of eeipu-ray warnings."""
+
+
+class CacheWarning(EEIPUWarning):
+    """A recoverable cache problem: an entry was dropped, a write was skipped."""

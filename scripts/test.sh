@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up (on a fresh machine) and run the test suite. Services the tests need
+# (a local Ray cluster, an S3 API server on 127.0.0.1) are started by the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${EEIPU_VENV:-.venv}"
+TORCH_SPEC="${EEIPU_TORCH_SPEC:-torch==2.13.0}"   # a CPU build; install torch before anything pulls a CUDA one
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet "$TORCH_SPEC"
+python -m pip install --quiet -e ".[test]"
+
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"   # loopback-only test clusters
+ruff check .
+set +e
+python -m pytest -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: failing on purpose" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,86 @@
+"""Shared fixtures: a real local Ray cluster and a real S3 API on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+# Test clusters listen on loopback only; Ray >= 2.59 would otherwise write and
+# require an auth token for a local ray.init().
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, Any]]:
+    """A moto S3 server on 127.0.0.1 (a real HTTP S3 API), one per test session.
+
+    Yields a dict with ``endpoint_url`` and ``storage_options`` for fsspec/s3fs.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"key": "testing-access-key", "secret": "testing-secret-key"}
+    info = {
+        "endpoint_url": endpoint,
+        "storage_options": {**creds, "endpoint_url": endpoint,
+                            "client_kwargs": {"region_name": "us-east-1"}},
+        "env": {
+            "AWS_ACCESS_KEY_ID": creds["key"],
+            "AWS_SECRET_ACCESS_KEY": creds["secret"],
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        },
+    }
+    try:
+        yield info
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: dict[str, Any]) -> str:
+    """A fresh bucket on the loopback S3 server; returns ``s3://<bucket>``."""
+    import boto3
+
+    name = f"eeipu-{uuid.uuid4().hex[:12]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server["endpoint_url"],
+        aws_access_key_id=s3_server["storage_options"]["key"],
+        aws_secret_access_key=s3_server["storage_options"]["secret"],
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    """A real single-node local Ray cluster with 2 CPUs, shared by a test module."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, namespace="eeipu_ray",
+             logging_level="WARNING", log_to_driver=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
