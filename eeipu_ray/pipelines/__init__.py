@@ -1,0 +1,37 @@
+"""Ready-made pipelines. Each module exposes ``build_pipeline(**options) -> Pipeline``."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+BUILTIN = {
+    "regression": "eeipu_ray.pipelines.regression",
+}
+
+
+def load_pipeline(spec: str, **options: Any) -> Any:
+    """A built-in pipeline by name, or a user's ``module:object``.
+
+    ``object`` may be a :class:`~eeipu_ray.pipeline.Pipeline` or a callable
+    returning one (called with ``options``).
+    """
+    from eeipu_ray.errors import PipelineDefinitionError
+    from eeipu_ray.pipeline import Pipeline
+
+    if spec in BUILTIN:
+        return importlib.import_module(BUILTIN[spec]).build_pipeline(**options)
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise PipelineDefinitionError(
+            f"pipeline {spec!r} is neither built in ({sorted(BUILTIN)}) nor 'module:object'"
+        )
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise PipelineDefinitionError(f"cannot load pipeline {spec!r}: {exc}") from exc
+    if callable(obj) and not isinstance(obj, Pipeline):
+        obj = obj(**options)
+    if not isinstance(obj, Pipeline):
+        raise PipelineDefinitionError(f"{spec!r} is {type(obj).__name__}, not a Pipeline")
+    return obj
