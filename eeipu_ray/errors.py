@@ -32,6 +32,12 @@ class CacheConfigError(CacheError, ValueError):
     """A cache URL or cache option is invalid."""
 
 
+class CacheStorageError(CacheError, OSError):
+    """The storage behind the cache refused an operation (a read-only or missing
+    directory, a bucket that does not exist, no permission, ...). It is an
+    :class:`OSError` too, so callers that catch ``OSError`` keep working."""
+
+
 class CodecError(CacheError, TypeError):
     """A stage output has no codec, or a codec cannot encode/decode a value."""
 

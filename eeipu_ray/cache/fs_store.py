@@ -5,45 +5,59 @@ Layout under the root::
     entries/<key>/manifest.json      written last: the entry exists once it exists
     entries/<key>/d-<token>/<part>   the data, one file per encoded part
     entries/<key>/used               touched on every use (its mtime drives LRU)
+    entries/<key>/.d-<token>.manifest.tmp   a local writer's manifest before it is linked
     pins/<key>                       present while the searcher protects the prefix
-    tmp/                             local publishing scratch
 
 Keys are checked (64 hex characters) before they touch a path, and part names
-are checked by the codec registry, so nothing a hyperparameter holds can steer a
-write outside the root.
+are checked by the codec registry (and again when a manifest is read), so
+nothing a hyperparameter holds can steer a read or write outside the root.
 
 Publishing is atomic:
 
 * local directory: data is written into a fresh ``d-<token>`` directory, the
   manifest into a temporary file, and the manifest is linked into place with
   ``os.link``, which fails if another writer won; the loser removes its data.
-* object stores (S3): data objects first, the manifest last as one PUT (S3
-  PUTs are atomic). If two writers race, both entries are complete and valid;
-  the last manifest wins and the other writer removes its now unreferenced data.
+* S3: data objects first, the manifest last as one exclusive PUT
+  (``If-None-Match: *``): exactly one writer's manifest lands, and the losers
+  remove their data. On a store that does not implement conditional PUTs the
+  manifest is a plain PUT (atomic, last writer wins); every writer reads the
+  manifest back and removes its own data when another manifest replaced its.
+* other fsspec filesystems: as S3 without the conditional PUT.
+
+Whatever a writer leaves behind when it dies (data without a manifest, a
+temporary manifest) is invisible to readers and removed by
+:meth:`FsStore.collect_garbage` once it is older than a grace period.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from eeipu_ray.cache.codecs import PartData, iter_blobs
-from eeipu_ray.errors import CacheConfigError
+from eeipu_ray.errors import CacheConfigError, CacheError, CacheStorageError
 from eeipu_ray.pipeline.keys import check_key
 
 logger = logging.getLogger("eeipu_ray.cache")
 
 MANIFEST = "manifest.json"
 USED = "used"
+
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_LOCAL_PROTOCOLS = ("file", "local")
+#: Object stores whose PUT takes ``If-None-Match: *`` through s3fs ``mode="create"``.
+_CONDITIONAL_PUT_PROTOCOLS = ("s3", "s3a")
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,11 @@ class StoredEntry:
     pinned: bool = False
 
 
+def redact_url(url: str) -> str:
+    """``url`` without credentials written into it (``s3://KEY:SECRET@bucket``)."""
+    return re.sub(r"(://)[^/@]*@", r"\1***@", url)
+
+
 class FsStore:
     """Low-level entry storage on an fsspec filesystem.
 
@@ -65,35 +84,64 @@ class FsStore:
         storage_options: Passed to fsspec (for S3: ``endpoint_url``, ``key``,
             ``secret``, ``client_kwargs={"region_name": ...}``, ...). Without
             them s3fs reads the usual AWS environment (``AWS_ACCESS_KEY_ID``,
-            ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``,
-            ``AWS_PROFILE``).
+            ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``,
+            ``AWS_PROFILE``). Never logged or shown.
+
+    Raises:
+        CacheConfigError: for an empty URL, an unknown scheme, or a scheme whose
+            filesystem package is not installed.
     """
 
-    def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None):
+    def __init__(
+        self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+    ) -> None:
         self.url = os.fspath(url)
         if not self.url:
             raise CacheConfigError("cache URL is empty; give a directory or an s3:// URL")
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise CacheConfigError(
+                f"storage_options must be a mapping of fsspec options, got "
+                f"{type(storage_options).__name__}"
+            )
         self.storage_options = dict(storage_options or {})
+        self.protocol = _check_protocol(self.url)
         self._fs: Any = None
         self._root: str | None = None
+        self._local: bool | None = None
+        self._conditional_put: bool | None = None  # learned on the first publish
 
     # fsspec filesystems hold clients and sockets; rebuild them after unpickling.
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": None, "_root": None}
+        return {**self.__dict__, "_fs": None, "_root": None, "_local": None}
 
     def __repr__(self) -> str:  # never shows storage_options (credentials)
-        return f"FsStore({self.url!r})"
+        return f"FsStore({redact_url(self.url)!r})"
 
     def _open_fs(self) -> None:
         import fsspec
 
+        options = dict(self.storage_options)
+        if self.protocol not in (None, *_LOCAL_PROTOCOLS) and "::" not in self.url:
+            # Other processes write the same bucket: a cached listing would show
+            # entries they removed and hide entries they added.
+            options.setdefault("use_listings_cache", False)
         try:
-            fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            fs, root = fsspec.core.url_to_fs(self.url, **options)
         except (ValueError, ImportError, TypeError) as exc:
-            raise CacheConfigError(f"cannot open cache URL {self.url!r}: {exc}") from exc
-        self._fs, self._root = fs, root.rstrip("/")
-        if self.is_local:
-            os.makedirs(self._root, exist_ok=True)
+            raise CacheConfigError(
+                f"cannot open cache URL {redact_url(self.url)!r}: {_scrub(exc, options)}"
+            ) from None
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        local = protocol in _LOCAL_PROTOCOLS
+        root = root.rstrip("/") or "/"
+        if local:
+            try:
+                os.makedirs(root, exist_ok=True)
+            except OSError as exc:
+                raise CacheStorageError(
+                    f"cannot create the cache directory {root!r}: {exc.strerror or exc}"
+                ) from exc
+        self._fs, self._root, self._local = fs, root, local
 
     @property
     def fs(self) -> Any:
@@ -110,9 +158,15 @@ class FsStore:
 
     @property
     def is_local(self) -> bool:
-        fs = self.fs
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        return protocol in ("file", "local")
+        if self._local is None:
+            self._open_fs()
+        return bool(self._local)
+
+    def _fresh(self, path: str) -> None:
+        """Forget cached listings under ``path`` (other processes write here too)."""
+        if not self.is_local:
+            with contextlib.suppress(Exception):  # best effort: not every fs caches
+                self.fs.invalidate_cache(path)
 
     # ----------------------------------------------------------------- paths
     def _entry(self, key: str) -> str:
@@ -123,6 +177,7 @@ class FsStore:
 
     # ----------------------------------------------------------------- reads
     def read_manifest(self, key: str) -> bytes | None:
+        """The manifest's bytes, or ``None`` when the entry does not exist."""
         path = f"{self._entry(key)}/{MANIFEST}"
         try:
             if self.is_local:
@@ -133,7 +188,11 @@ class FsStore:
             return None
 
     def read_part(self, key: str, data_dir: str, part: str) -> Any:
-        """The part's bytes as a buffer; local files are memory-mapped (zero copy)."""
+        """The part's bytes as a buffer; local files are memory-mapped (zero copy).
+
+        Raises:
+            FileNotFoundError: the part is missing.
+        """
         path = self._data_path(key, data_dir, part)
         if self.is_local:
             import pyarrow as pa
@@ -147,46 +206,53 @@ class FsStore:
 
     def exists(self, key: str) -> bool:
         path = f"{self._entry(key)}/{MANIFEST}"
-        return os.path.exists(path) if self.is_local else self.fs.exists(path)
+        if self.is_local:
+            return os.path.exists(path)
+        self._fresh(path)
+        return bool(self.fs.exists(path))
 
     # ---------------------------------------------------------------- writes
-    def publish(self, key: str, parts: Mapping[str, PartData], manifest_for: Any) -> tuple[bool, str]:
+    def publish(
+        self, key: str, parts: Mapping[str, PartData], manifest_for: Callable[[str], bytes]
+    ) -> tuple[bool, str]:
         """Write ``parts`` and then the manifest. ``manifest_for(data_dir)`` returns
         the manifest bytes. Returns ``(published, data_dir)``; ``published`` is
-        False when another writer's entry for the same key won."""
+        False when another writer's entry for the same key won (its entry stays,
+        this writer's data is removed).
+
+        Raises:
+            CacheStorageError: the backend refused the write; nothing of this
+                writer stays visible.
+        """
         data_dir = f"d-{uuid.uuid4().hex}"
-        entry = self._entry(key)
-        if self.is_local:
-            return self._publish_local(entry, data_dir, parts, manifest_for)
-        if self.fs.exists(f"{entry}/{MANIFEST}"):
-            return False, data_dir
         try:
-            for name, data in parts.items():
-                self._write_remote(f"{entry}/{data_dir}/{name}", data)
-            self.fs.pipe_file(f"{entry}/{MANIFEST}", manifest_for(data_dir))
-        except BaseException:
-            self._rm_quiet(f"{entry}/{data_dir}")
+            if self.is_local:
+                return self._publish_local(key, data_dir, parts, manifest_for)
+            return self._publish_remote(key, data_dir, parts, manifest_for)
+        except CacheError:
             raise
-        self.fs.pipe_file(f"{entry}/{USED}", b"")
-        with contextlib.suppress(FileNotFoundError):
-            # A racing writer may have replaced our manifest: then our data is
-            # unreferenced and ours to remove.
-            import json
+        except OSError as exc:
+            raise CacheStorageError(
+                f"prefix cache: could not write entry {key[:12]} to {redact_url(self.url)!r}: "
+                f"{_describe_os_error(exc)}"
+            ) from exc
 
-            if json.loads(self.fs.cat_file(f"{entry}/{MANIFEST}")).get("data_dir") != data_dir:
-                self._rm_quiet(f"{entry}/{data_dir}")
-                return False, data_dir
-        return True, data_dir
-
-    def _publish_local(self, entry: str, data_dir: str, parts: Mapping[str, PartData],
-                       manifest_for: Any) -> tuple[bool, str]:
-        final = os.path.join(entry, MANIFEST)
-        if os.path.exists(final):
+    def _publish_local(
+        self,
+        key: str,
+        data_dir: str,
+        parts: Mapping[str, PartData],
+        manifest_for: Callable[[str], bytes],
+    ) -> tuple[bool, str]:
+        if self.exists(key):  # cheap early exit; os.link below decides races
             return False, data_dir
+        entry = self._entry(key)
+        final = os.path.join(entry, MANIFEST)
         data_path = os.path.join(entry, data_dir)
         tmp_manifest = os.path.join(entry, f".{data_dir}.manifest.tmp")
+        won = False
         try:
-            os.makedirs(data_path)
+            _makedirs_fresh(data_path)
             for name, data in parts.items():
                 path = os.path.join(data_path, name)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -199,38 +265,107 @@ class FsStore:
                 os.link(tmp_manifest, final)  # atomic; fails if another writer won
                 won = True
             except FileExistsError:
-                won = False
-        except BaseException:
-            shutil.rmtree(data_path, ignore_errors=True)
-            raise
+                pass
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise CacheStorageError(
+                        f"the filesystem of cache directory {self.root!r} does not support "
+                        f"hard links ({exc.strerror}), which publishing an entry atomically "
+                        "needs; put the cache on a local POSIX filesystem or use s3://"
+                    ) from exc
+                raise
         finally:
+            if not won:
+                shutil.rmtree(data_path, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_manifest)
-        if not won:
-            shutil.rmtree(data_path, ignore_errors=True)
+        if won:
+            with contextlib.suppress(OSError):  # LRU bookkeeping only
+                open(os.path.join(entry, USED), "wb").close()
+        return won, data_dir
+
+    def _publish_remote(
+        self,
+        key: str,
+        data_dir: str,
+        parts: Mapping[str, PartData],
+        manifest_for: Callable[[str], bytes],
+    ) -> tuple[bool, str]:
+        entry = self._entry(key)
+        manifest_path = f"{entry}/{MANIFEST}"
+        if self.exists(key):
             return False, data_dir
-        Path(entry, USED).touch()
-        return True, data_dir
+        data_prefix = f"{entry}/{data_dir}"
+        won = False
+        try:
+            for name, data in parts.items():
+                self._write_remote(f"{data_prefix}/{name}", data)
+            won = self._put_manifest(manifest_path, manifest_for(data_dir), data_dir)
+        finally:
+            if not won:
+                with contextlib.suppress(OSError):  # never hide the original error
+                    self._rm_quiet(data_prefix)
+        if won:
+            with contextlib.suppress(OSError):
+                self.fs.pipe_file(f"{entry}/{USED}", b"")
+        return won, data_dir
+
+    def _put_manifest(self, path: str, body: bytes, data_dir: str) -> bool:
+        """Put the manifest; True if this writer's manifest is the entry's."""
+        if self._conditional_put is not False and self.protocol in _CONDITIONAL_PUT_PROTOCOLS:
+            try:
+                self.fs.pipe_file(path, body, mode="create")
+            except FileExistsError:
+                # Another writer won -- or a retried PUT of ours landed first.
+                return self._manifest_data_dir(path) == data_dir
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS and "NotImplemented" not in str(exc):
+                    raise
+                logger.info(
+                    "prefix cache: %s does not implement conditional PUTs; racing "
+                    "writers of one key fall back to last-writer-wins",
+                    redact_url(self.url),
+                )
+                self._conditional_put = False
+            else:
+                self._conditional_put = True
+        if not self._conditional_put:
+            self.fs.pipe_file(path, body)
+        # Read back: a store that ignores If-None-Match, or a plain PUT, may have
+        # let another writer's manifest replace ours; then our data is unreferenced.
+        return self._manifest_data_dir(path) == data_dir
+
+    def _manifest_data_dir(self, path: str) -> str | None:
+        try:
+            doc = json.loads(self.fs.cat_file(path))
+        except (FileNotFoundError, ValueError):
+            return None
+        return doc.get("data_dir") if isinstance(doc, dict) else None
 
     def _write_remote(self, path: str, data: PartData) -> None:
         blobs = iter_blobs(data)
         if len(blobs) == 1:
-            self.fs.pipe_file(path, bytes(memoryview(blobs[0])) if not isinstance(
-                blobs[0], bytes) else blobs[0])
+            blob = blobs[0]
+            self.fs.pipe_file(path, blob if isinstance(blob, bytes) else bytes(memoryview(blob)))
             return
         with self.fs.open(path, "wb") as fh:
             for blob in blobs:
                 fh.write(memoryview(blob))
 
     def touch(self, key: str) -> None:
-        path = f"{self._entry(key)}/{USED}"
+        """Mark the entry used now (LRU). Never raises: bookkeeping must not fail a read."""
+        entry = self._entry(key)
         try:
             if self.is_local:
-                Path(path).touch()
-            else:
-                self.fs.pipe_file(path, b"")
-        except OSError as exc:  # LRU bookkeeping must never fail a read
-            logger.debug("could not mark %s used: %s", key[:12], exc)
+                try:
+                    os.utime(os.path.join(entry, USED))
+                except FileNotFoundError:
+                    if os.path.exists(os.path.join(entry, MANIFEST)):
+                        open(os.path.join(entry, USED), "wb").close()
+            elif self.exists(key):  # no stray "used" mark for a removed entry
+                self.fs.pipe_file(f"{entry}/{USED}", b"")
+        except OSError as exc:
+            logger.debug("prefix cache: could not mark %s used: %s", key[:12], exc)
 
     def delete(self, key: str) -> None:
         """Remove an entry: manifest first (the entry disappears atomically), then data."""
@@ -240,19 +375,31 @@ class FsStore:
                 os.unlink(os.path.join(entry, MANIFEST))
             shutil.rmtree(entry, ignore_errors=True)
             return
-        self._rm_quiet(f"{entry}/{MANIFEST}")
+        self._rm_quiet(f"{entry}/{MANIFEST}", recursive=False)
         self._rm_quiet(entry, recursive=True)
+
+    def delete_if_unchanged(self, key: str, manifest_raw: bytes) -> bool:
+        """Delete the entry only if its manifest still reads ``manifest_raw``.
+
+        A reader that found an entry broken must not remove an entry another
+        writer has published in its place since. Returns whether it deleted.
+        """
+        if self.read_manifest(key) != manifest_raw:
+            return False
+        self.delete(key)
+        return True
 
     def _rm_quiet(self, path: str, recursive: bool = True) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=recursive)
+        self._fresh(path)
 
     # ------------------------------------------------------------------ pins
     def pin(self, key: str) -> None:
         path = f"{self.root}/pins/{check_key(key)}"
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            Path(path).touch()
+            open(path, "wb").close()
         else:
             self.fs.pipe_file(path, b"")
 
@@ -266,27 +413,33 @@ class FsStore:
 
     def pinned(self) -> set[str]:
         path = f"{self.root}/pins"
+        self._fresh(path)
         try:
             names = self.fs.ls(path, detail=False)
         except FileNotFoundError:
             return set()
-        return {n.rstrip("/").rsplit("/", 1)[-1] for n in names}
+        keys = {n.rstrip("/").rsplit("/", 1)[-1] for n in names}
+        return {k for k in keys if _KEY_RE.match(k)}
 
     # --------------------------------------------------------------- listing
     def entries(self) -> list[StoredEntry]:
         """Every entry (complete or not) with its size and last use, one listing call."""
         base = f"{self.root}/entries"
+        self._fresh(base)
         try:
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
             return []
+        prefix = base.rstrip("/") + "/"
         sizes: dict[str, int] = {}
         used_mark: dict[str, float] = {}
         newest: dict[str, float] = {}
         complete: set[str] = set()
         for path, info in found.items():
-            key, _, rest = path.split("/entries/", 1)[-1].partition("/")
-            if len(key) != 64:
+            if not path.startswith(prefix):
+                continue
+            key, _, rest = path[len(prefix) :].partition("/")
+            if not _KEY_RE.match(key) or not rest:
                 continue
             sizes[key] = sizes.get(key, 0) + int(info.get("size") or 0)
             if rest == USED:
@@ -302,41 +455,129 @@ class FsStore:
         ]
 
     def iter_orphans(self, older_than: float) -> Iterator[str]:
-        """Paths of unreferenced data directories and temp files older than ``older_than`` s."""
-        import json
-
+        """Paths that no manifest references, last written at least ``older_than``
+        seconds ago: data of interrupted or losing writers, temporary manifests,
+        and "used" marks of removed entries."""
         cutoff = time.time() - older_than
         base = f"{self.root}/entries"
+        self._fresh(base)
         try:
-            keys = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+            listed = self.fs.ls(base, detail=False)
         except FileNotFoundError:
             return
-        for key in keys:
-            if len(key) != 64:
+        for key in (p.rstrip("/").rsplit("/", 1)[-1] for p in listed):
+            if not _KEY_RE.match(key):
                 continue
             entry = f"{base}/{key}"
             raw = self.read_manifest(key)
             live = None
             if raw is not None:
                 with contextlib.suppress(ValueError):
-                    live = json.loads(raw).get("data_dir")
-            for item in self.fs.ls(entry, detail=True):
+                    doc = json.loads(raw)
+                    live = doc.get("data_dir") if isinstance(doc, dict) else None
+            self._fresh(entry)
+            try:
+                items = self.fs.ls(entry, detail=True)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed meanwhile
+            for item in items:
                 name = item["name"].rstrip("/").rsplit("/", 1)[-1]
-                if name in (MANIFEST, USED) or name == live:
+                if name in (MANIFEST, live) or (name == USED and raw is not None):
                     continue
                 is_dir = item.get("type") == "directory"
-                mtime = _dir_mtime(self.fs, item["name"]) if is_dir and not self.is_local else (
-                    _mtime(item))
-                if mtime < cutoff:
+                mtime = (
+                    _dir_mtime(self.fs, item["name"])
+                    if is_dir and not self.is_local
+                    else (_mtime(item))
+                )
+                if mtime <= cutoff:
                     yield item["name"]
 
+    def collect_garbage(self, older_than: float) -> list[str]:
+        """Remove what :meth:`iter_orphans` yields, and local entry directories
+        left empty. Returns the removed paths."""
+        removed = list(self.iter_orphans(older_than))
+        for path in removed:
+            self.remove_path(path)
+        if self.is_local:
+            base = os.path.join(self.root, "entries")
+            with contextlib.suppress(FileNotFoundError):
+                for key in os.listdir(base):
+                    if _KEY_RE.match(key):
+                        with contextlib.suppress(OSError):  # not empty: in use
+                            os.rmdir(os.path.join(base, key))
+        return removed
+
     def remove_path(self, path: str) -> None:
+        if self.is_local and not os.path.isdir(path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
         self._rm_quiet(path, recursive=True)
 
 
+def _check_protocol(url: str) -> str | None:
+    """The URL's scheme, checked now so a typo fails at construction, not in a trial."""
+    import fsspec
+    from fsspec.core import split_protocol
+
+    first: str | None = None
+    for i, part in enumerate(url.split("::")):
+        protocol, _ = split_protocol(part)
+        if i == 0:
+            first = protocol
+        if protocol is None:
+            continue
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ValueError:
+            raise CacheConfigError(
+                f"cache URL {redact_url(url)!r} has an unknown scheme {protocol!r}; give a "
+                "local directory, file://..., s3://bucket/prefix, or another fsspec URL"
+            ) from None
+        except ImportError as exc:
+            raise CacheConfigError(
+                f"cache URL {redact_url(url)!r} needs the filesystem package for "
+                f"{protocol!r}, which is not installed ({exc})"
+            ) from None
+    return first
+
+
+def _makedirs_fresh(path: str) -> None:
+    # A concurrent gc may remove the (empty) entry directory between creating it
+    # and creating ``path`` inside it: try again.
+    for attempt in range(3):
+        try:
+            os.makedirs(path)
+            return
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.filename is None:
+        # s3fs: "The specified bucket does not exist" and the like
+        return f"{exc} (does the bucket exist?)"
+    return str(exc)
+
+
+def _scrub(exc: BaseException, options: Mapping[str, Any]) -> str:
+    """``str(exc)`` without any secret from ``options`` in it."""
+    text = str(exc)
+    for name, value in options.items():
+        if (
+            isinstance(value, str)
+            and value
+            and any(word in name.lower() for word in ("secret", "token", "password", "key"))
+        ):
+            text = text.replace(value, "***")
+    return text
+
+
 def _mtime(info: Mapping[str, Any]) -> float:
-    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(field)
+    for name in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(name)
         if value is None:
             continue
         if isinstance(value, datetime):

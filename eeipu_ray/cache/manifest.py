@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -18,11 +19,15 @@ from typing import Any
 
 import xxhash
 
-from eeipu_ray.cache.codecs import PartData, iter_blobs
-from eeipu_ray.errors import CacheIntegrityError
+from eeipu_ray.cache.codecs import PartData, check_part_name, iter_blobs
+from eeipu_ray.errors import CacheIntegrityError, CodecError
 from eeipu_ray.pipeline.keys import chain_key, check_key, root_key
 
 MANIFEST_FORMAT = 1
+
+#: Data directory names: ``d-<token>``, one path component (never ``..`` or ``/``).
+_DATA_DIR_RE = re.compile(r"^d-[A-Za-z0-9_-]{1,64}$")
+_HEX_DIGEST_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True)
@@ -86,28 +91,41 @@ class Manifest:
     def to_json(self) -> bytes:
         doc = asdict(self)
         doc["total_bytes"] = self.total_bytes
-        return json.dumps(doc, sort_keys=True, default=repr).encode()
+        return json.dumps(doc, sort_keys=True, default=_json_default).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, expected_key: str) -> Manifest:
         """Parse and check a manifest; raise :class:`CacheIntegrityError` if it is
-        unreadable, of another format, or belongs to another key."""
+        unreadable, of another format, malformed, or belongs to another key.
+
+        Everything a reader later trusts is checked here: the key (against
+        ``expected_key`` and against the key its own stages and hyperparameters
+        produce), the data directory and part names (single safe path
+        components, so a forged manifest cannot steer a read outside its entry),
+        and the types of sizes, checksums and per-stage compute costs.
+        """
         try:
             doc = json.loads(raw)
-            if doc.get("format") != MANIFEST_FORMAT:
-                raise CacheIntegrityError(
-                    f"manifest format {doc.get('format')!r}, expected {MANIFEST_FORMAT}"
-                )
-            meta = EntryMeta(**doc["meta"])
+        except ValueError as exc:  # also UnicodeDecodeError
+            raise CacheIntegrityError(f"unreadable manifest (not JSON): {exc}") from exc
+        if not isinstance(doc, dict):
+            raise CacheIntegrityError(
+                f"unreadable manifest: a JSON {type(doc).__name__}, not an object"
+            )
+        fmt = doc.get("format")
+        if type(fmt) is not int or fmt != MANIFEST_FORMAT:  # bool is not a format number
+            raise CacheIntegrityError(f"manifest format {fmt!r}, expected {MANIFEST_FORMAT}")
+        try:
+            meta = _meta_from_doc(doc["meta"])
             manifest = cls(
-                key=doc["key"],
+                key=_typed(doc["key"], str, "key"),
                 meta=meta,
-                codec=doc["codec"],
-                codec_meta=doc["codec_meta"],
-                data_dir=doc["data_dir"],
-                files=tuple(FileRecord(**f) for f in doc["files"]),
-                created_at=float(doc["created_at"]),
-                producer=doc.get("producer", {}),
+                codec=_typed(doc["codec"], str, "codec"),
+                codec_meta=_typed(doc["codec_meta"], dict, "codec_meta"),
+                data_dir=_typed(doc["data_dir"], str, "data_dir"),
+                files=tuple(_file_from_doc(f) for f in _typed(doc["files"], list, "files")),
+                created_at=float(_number(doc["created_at"], "created_at")),
+                producer=_typed(doc.get("producer", {}), dict, "producer"),
             )
         except CacheIntegrityError:
             raise
@@ -125,9 +143,87 @@ class Manifest:
             raise CacheIntegrityError(
                 "manifest's pipeline/stages/hyperparameters do not produce its key"
             )
-        if not manifest.data_dir.startswith("d-") or "/" in manifest.data_dir:
+        if not _DATA_DIR_RE.match(manifest.data_dir):
             raise CacheIntegrityError(f"manifest data_dir {manifest.data_dir!r} is not valid")
+        names = [f.name for f in manifest.files]
+        if len(set(names)) != len(names):
+            raise CacheIntegrityError("manifest lists a part twice")
         return manifest
+
+
+def _typed(value: Any, kind: type, what: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise CacheIntegrityError(
+            f"manifest field {what!r} is a {type(value).__name__}, expected {kind.__name__}"
+        )
+    return value
+
+
+def _number(value: Any, what: str) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CacheIntegrityError(f"manifest field {what!r} = {value!r} is not a number")
+    return value
+
+
+def _meta_from_doc(doc: Any) -> EntryMeta:
+    doc = _typed(doc, dict, "meta")
+    meta = EntryMeta(**doc)  # unknown or missing fields: TypeError, reported by the caller
+    _typed(meta.pipeline, str, "meta.pipeline")
+    lists = {
+        name: _typed(getattr(meta, name), list, f"meta.{name}")
+        for name in ("stage_names", "stage_versions", "params", "compute_seconds")
+    }
+    lengths = {name: len(v) for name, v in lists.items()}
+    if not lists["stage_names"] or len(set(lengths.values())) != 1:
+        raise CacheIntegrityError(f"manifest stage lists are empty or differ in length: {lengths}")
+    for name in lists["stage_names"]:
+        _typed(name, str, "meta.stage_names[]")
+    for version in lists["stage_versions"]:
+        _typed(version, str, "meta.stage_versions[]")
+    for params in lists["params"]:
+        _typed(params, dict, "meta.params[]")
+    for seconds in lists["compute_seconds"]:
+        _number(seconds, "meta.compute_seconds[]")
+    if meta.trial_id is not None:
+        _typed(meta.trial_id, str, "meta.trial_id")
+    return meta
+
+
+def _file_from_doc(doc: Any) -> FileRecord:
+    doc = _typed(doc, dict, "files[]")
+    record = FileRecord(**doc)
+    try:
+        check_part_name(_typed(record.name, str, "files[].name"))
+    except CodecError as exc:
+        raise CacheIntegrityError(f"manifest lists an unsafe part: {exc}") from exc
+    size = _typed(record.size, int, "files[].size")
+    if size < 0:
+        raise CacheIntegrityError(f"manifest part {record.name!r} has negative size {size}")
+    if not _HEX_DIGEST_RE.match(_typed(record.xxh3_128, str, "files[].xxh3_128")):
+        raise CacheIntegrityError(f"manifest part {record.name!r} has a malformed checksum")
+    return record
+
+
+def _json_default(value: Any) -> Any:
+    """JSON for what ``json`` does not know natively. Hyperparameters must read
+    back as values that produce the same prefix key, so NumPy scalars become the
+    Python scalar they hold (as :func:`~eeipu_ray.pipeline.keys.canonicalize`
+    treats them) and mappings/sequences become dicts/lists; anything else is
+    written as its ``repr`` (for free-form fields such as ``codec_meta``), and
+    :meth:`PrefixCache.store` refuses metadata that does not read back."""
+    if (
+        type(value).__module__ == "numpy"
+        and getattr(value, "ndim", 1) == 0
+        and hasattr(value, "item")
+    ):
+        return value.item()
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Sequence | set | frozenset) and not isinstance(
+        value, str | bytes | bytearray
+    ):
+        return list(value)
+    return repr(value)
 
 
 def checksum(data: PartData) -> str:
@@ -156,5 +252,13 @@ def producer_info(trial_id: str | None = None) -> dict[str, Any]:
     return info
 
 
-__all__ = ["MANIFEST_FORMAT", "EntryMeta", "FileRecord", "Manifest", "check_key", "checksum",
-           "producer_info", "verify_part"]
+__all__ = [
+    "MANIFEST_FORMAT",
+    "EntryMeta",
+    "FileRecord",
+    "Manifest",
+    "check_key",
+    "checksum",
+    "producer_info",
+    "verify_part",
+]

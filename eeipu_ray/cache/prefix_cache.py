@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import tempfile
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from eeipu_ray.cache.codecs import Codec, CodecRegistry, Encoded, part_size
-from eeipu_ray.cache.fs_store import FsStore, StoredEntry
+from eeipu_ray.cache.fs_store import FsStore, StoredEntry, redact_url
 from eeipu_ray.cache.manifest import (
     EntryMeta,
     FileRecord,
@@ -112,14 +114,33 @@ class PrefixCache:
             url = default_cache_dir()
         if url is not None and not isinstance(url, str | os.PathLike):
             raise CacheConfigError(f"cache url must be a string or path, got {url!r}")
-        for name, budget in (("byte_budget", byte_budget),
-                             ("object_store_budget", object_store_budget)):
-            if budget is not None and (not isinstance(budget, int) or budget <= 0):
-                raise CacheConfigError(f"{name} must be a positive int of bytes, got {budget!r}")
+        for name, budget in (
+            ("byte_budget", byte_budget),
+            ("object_store_budget", object_store_budget),
+        ):
+            if budget is not None and (
+                isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0
+            ):
+                raise CacheConfigError(
+                    f"{name} must be a positive int of bytes (e.g. 10 * 2**30), got {budget!r}"
+                )
         if object_store is not None and (not isinstance(object_store, str) or not object_store):
             raise CacheConfigError(f"object_store must be a non-empty name, got {object_store!r}")
+        if (
+            isinstance(touch_interval, bool)
+            or not isinstance(touch_interval, int | float)
+            or not touch_interval >= 0
+            or math.isinf(touch_interval)
+        ):
+            raise CacheConfigError(
+                f"touch_interval must be a finite number of seconds >= 0, got {touch_interval!r}"
+            )
         if url is not None:
             url = os.fspath(url)
+            if not url:
+                raise CacheConfigError(
+                    "cache url is empty; give a directory or an s3://bucket/prefix URL"
+                )
             if "://" not in url:
                 # Ray Tune runs trials in their own working directory: pin local paths.
                 url = os.path.abspath(os.path.expanduser(url))
@@ -130,12 +151,13 @@ class PrefixCache:
         self.allow_pickle = allow_pickle
         self.touch_interval = touch_interval
         self.codecs = CodecRegistry(codecs, allow_pickle=allow_pickle)
+        # FsStore checks the URL's scheme now: a typo fails here, not in a trial.
         self._durable = FsStore(self.url, storage_options) if self.url is not None else None
         self._l1: Any = None
         self._touched: dict[str, float] = {}
 
     def __repr__(self) -> str:
-        layers = [f"url={self.url!r}"] if self.url else []
+        layers = [f"url={redact_url(self.url)!r}"] if self.url else []
         if self.object_store:
             layers.append(f"object_store={self.object_store!r}")
         return f"PrefixCache({', '.join(layers)})"
@@ -180,27 +202,20 @@ class PrefixCache:
         """
         check_key(key)
         start = time.perf_counter()
-        workdir_path = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(
-            prefix="eeipu-restore-"))
         if self.l1 is not None:
-            found = self.l1.get(key)
+            found = self._l1_get(key)
             if found is not None:
                 manifest, parts = found
-                value = self._decode(key, manifest, parts, workdir_path, layer="object_store")
+                value = self._decode_into(key, manifest, parts, workdir, layer="object_store")
                 if value is not _MISS:
                     return CacheHit(value, manifest, time.perf_counter() - start, "object_store")
         if self._durable is None:
             return None
-        manifest = self._read_manifest(key)
-        if manifest is None:
+        found_durable = self._read_durable(key)
+        if found_durable is None:
             return None
-        try:
-            parts = {f.name: self._durable.read_part(key, manifest.data_dir, f.name)
-                     for f in manifest.files}
-        except FileNotFoundError as exc:
-            self._drop(key, manifest.stage, f"partial entry, missing data ({exc.filename})")
-            return None
-        value = self._decode(key, manifest, parts, workdir_path, layer="durable")
+        manifest, parts, raw = found_durable
+        value = self._decode_into(key, manifest, parts, workdir, layer="durable", raw=raw)
         if value is _MISS:
             return None
         self._touch(key)
@@ -208,11 +223,75 @@ class PrefixCache:
             self.l1.put(key, manifest, parts)
         return CacheHit(value, manifest, time.perf_counter() - start, "durable")
 
+    def _l1_get(self, key: str) -> tuple[Manifest, dict[str, Any]] | None:
+        try:
+            return self.l1.get(key)
+        except CacheIntegrityError as exc:
+            self._drop(key, None, str(exc), layer="object_store")
+            return None
+
+    def _read_durable(self, key: str) -> tuple[Manifest, dict[str, Any], bytes] | None:
+        """The durable entry's checked manifest, its parts (not yet verified) and
+        the manifest's bytes; ``None`` on a miss (a broken manifest or a partial
+        entry is dropped first)."""
+        assert self._durable is not None
+        # A second attempt only when the manifest changed under us: a racing
+        # writer replaced it, or the entry was deleted (evicted) while we read.
+        for _attempt in range(2):
+            try:
+                raw = self._durable.read_manifest(key)
+            except OSError as exc:
+                logger.warning(
+                    "prefix cache: cannot read the manifest of entry %s (%s); "
+                    "treating it as a miss",
+                    key[:12],
+                    exc,
+                )
+                return None
+            if raw is None:
+                return None
+            try:
+                manifest = Manifest.from_json(raw, key)
+            except CacheIntegrityError as exc:
+                self._drop(key, None, str(exc), raw=raw)
+                return None
+            parts: dict[str, Any] = {}
+            try:
+                for record in manifest.files:
+                    parts[record.name] = self._durable.read_part(
+                        key, manifest.data_dir, record.name
+                    )
+            except FileNotFoundError:
+                with contextlib.suppress(OSError):
+                    if self._durable.read_manifest(key) != raw:
+                        continue
+                self._drop(
+                    key,
+                    manifest.stage,
+                    f"partial entry: data file {record.name!r} is missing",
+                    raw=raw,
+                )
+                return None
+            except OSError as exc:
+                logger.warning(
+                    "prefix cache: cannot read entry %s (stage %r): %s; treating it as a miss",
+                    key[:12],
+                    manifest.stage,
+                    exc,
+                )
+                return None
+            return manifest, parts, raw
+        return None
+
     def manifest(self, key: str) -> Manifest | None:
         """The manifest of ``key``'s entry (checked against the key), or ``None``."""
         check_key(key)
         if self.l1 is not None:
-            found = self.l1.manifest(key)
+            try:
+                found = self.l1.manifest(key)
+            except CacheIntegrityError as exc:
+                self._drop(key, None, str(exc), layer="object_store")
+                found = None
             if found is not None:
                 return found
         return self._read_manifest(key) if self._durable is not None else None
@@ -220,17 +299,24 @@ class PrefixCache:
     def verify(self, key: str) -> Manifest:
         """Read and checksum every part of the durable entry; raise
         :class:`CacheIntegrityError` instead of dropping it."""
-        assert self._durable is not None, "verify needs a durable layer"
-        raw = self._durable.read_manifest(check_key(key))
+        check_key(key)
+        if self._durable is None:
+            raise CacheConfigError(
+                "verify() checks the durable layer; this cache has none (url=None)"
+            )
+        raw = self._durable.read_manifest(key)
         if raw is None:
             raise CacheIntegrityError(f"no entry for key {key[:16]}...")
-        manifest = Manifest.from_json(raw, key)
-        for record in manifest.files:
-            try:
-                blob = self._durable.read_part(key, manifest.data_dir, record.name)
-            except FileNotFoundError as exc:
-                raise CacheIntegrityError(f"part {record.name!r} is missing") from exc
-            verify_part(record, blob)
+        try:
+            manifest = Manifest.from_json(raw, key)
+            for record in manifest.files:
+                try:
+                    blob = self._durable.read_part(key, manifest.data_dir, record.name)
+                except FileNotFoundError as exc:
+                    raise CacheIntegrityError(f"part {record.name!r} is missing") from exc
+                verify_part(record, blob)
+        except CacheIntegrityError as exc:
+            raise CacheIntegrityError(f"entry {key[:16]}...: {exc}") from exc
         return manifest
 
     def _read_manifest(self, key: str) -> Manifest | None:
@@ -241,11 +327,40 @@ class PrefixCache:
         try:
             return Manifest.from_json(raw, key)
         except CacheIntegrityError as exc:
-            self._drop(key, None, str(exc))
+            self._drop(key, None, str(exc), raw=raw)
             return None
 
-    def _decode(self, key: str, manifest: Manifest, parts: Mapping[str, Any], workdir: Path,
-                layer: str) -> Any:
+    def _decode_into(
+        self,
+        key: str,
+        manifest: Manifest,
+        parts: Mapping[str, Any],
+        workdir: str | os.PathLike[str] | None,
+        *,
+        layer: str,
+        raw: bytes | None = None,
+    ) -> Any:
+        """Decode into ``workdir``, or into a fresh temporary directory that is
+        removed again when the codec left nothing in it."""
+        if workdir is not None:
+            return self._decode(key, manifest, parts, Path(workdir), layer=layer, raw=raw)
+        scratch = Path(tempfile.mkdtemp(prefix="eeipu-restore-"))
+        try:
+            return self._decode(key, manifest, parts, scratch, layer=layer, raw=raw)
+        finally:
+            with contextlib.suppress(OSError):  # not empty: restored files live there
+                scratch.rmdir()
+
+    def _decode(
+        self,
+        key: str,
+        manifest: Manifest,
+        parts: Mapping[str, Any],
+        workdir: Path,
+        *,
+        layer: str,
+        raw: bytes | None = None,
+    ) -> Any:
         try:
             if set(parts) != {f.name for f in manifest.files}:
                 raise CacheIntegrityError("parts do not match the manifest's file list")
@@ -254,25 +369,48 @@ class PrefixCache:
             workdir.mkdir(parents=True, exist_ok=True)
             return self.codecs.decode(manifest.codec, parts, manifest.codec_meta, workdir)
         except CacheIntegrityError as exc:
-            self._drop(key, manifest.stage, str(exc), layer=layer)
+            self._drop(key, manifest.stage, str(exc), layer=layer, raw=raw)
         except CodecError as exc:
             # Written by a codec or setting this reader lacks: a miss, but not
             # corrupt; leave it for the readers that can use it.
-            logger.warning("prefix cache: cannot decode entry %s (stage %r): %s",
-                           key[:12], manifest.stage, exc)
+            logger.warning(
+                "prefix cache: cannot decode entry %s (stage %r): %s", key[:12], manifest.stage, exc
+            )
         except Exception as exc:  # noqa: BLE001 - a codec choking on verified bytes
-            self._drop(key, manifest.stage, f"decode failed: {exc!r}", layer=layer)
+            self._drop(key, manifest.stage, f"decode failed: {exc!r}", layer=layer, raw=raw)
         return _MISS
 
-    def _drop(self, key: str, stage: str | None, reason: str, layer: str = "durable") -> None:
+    def _drop(
+        self,
+        key: str,
+        stage: str | None,
+        reason: str,
+        layer: str = "durable",
+        raw: bytes | None = None,
+    ) -> None:
+        """Remove a broken entry and log why. For the durable layer, ``raw`` is
+        the manifest the reader judged: an entry whose manifest has changed since
+        (another writer published a good one) is left alone."""
         logger.warning(
             "prefix cache: dropping entry %s%s from the %s layer and treating it as a miss: %s",
-            key[:12], f" (stage {stage!r})" if stage else "", layer, reason,
+            key[:12],
+            f" (stage {stage!r})" if stage else "",
+            layer,
+            reason,
         )
-        if layer == "object_store" and self.l1 is not None:
-            self.l1.delete(key)
-        elif self._durable is not None:
-            self._durable.delete(key)
+        try:
+            if layer == "object_store":
+                if self.l1 is not None:
+                    self.l1.delete(key)
+            elif self._durable is not None:
+                if raw is None:
+                    self._durable.delete(key)
+                elif not self._durable.delete_if_unchanged(key, raw):
+                    logger.info(
+                        "prefix cache: entry %s was replaced meanwhile; kept the new one", key[:12]
+                    )
+        except OSError as exc:  # a reader must not fail because cleanup did
+            logger.warning("prefix cache: could not remove entry %s: %s", key[:12], exc)
 
     def _touch(self, key: str) -> None:
         now = time.monotonic()
@@ -287,34 +425,58 @@ class PrefixCache:
 
         Raises:
             CodecError: naming the stage when no codec can store the value.
-            CacheIntegrityError: when ``meta`` does not produce ``key``.
+            CacheIntegrityError: when ``meta`` does not produce ``key`` (or would
+                not read back as it).
+            CacheStorageError: (``fs_store``; also an ``OSError``) when the
+                backend refuses the write: nothing of this write stays visible.
         """
         check_key(key)
         start = time.perf_counter()
-        if meta.expected_key() != key:
-            raise CacheIntegrityError(
-                f"stage {meta.stage_names[-1]!r}: entry metadata does not produce key {key[:16]}"
-            )
+        _check_meta(key, meta)
         encoded = self.codecs.encode(value, stage=meta.stage_names[-1])
-        files = tuple(FileRecord(name, part_size(data), checksum(data))
-                      for name, data in encoded.parts.items())
+        files = tuple(
+            FileRecord(name, part_size(data), checksum(data))
+            for name, data in encoded.parts.items()
+        )
         producer = producer_info(meta.trial_id)
 
         def manifest_for(data_dir: str) -> Manifest:
-            return Manifest(key=key, meta=meta, codec=encoded.codec, codec_meta=encoded.meta,
-                            data_dir=data_dir, files=files, created_at=time.time(),
-                            producer=producer)
+            return Manifest(
+                key=key,
+                meta=meta,
+                codec=encoded.codec,
+                codec_meta=encoded.meta,
+                data_dir=data_dir,
+                files=files,
+                created_at=time.time(),
+                producer=producer,
+            )
+
+        # The manifest must read back as exactly this entry (hyperparameters that
+        # JSON cannot hold would make it unloadable): check before writing.
+        try:
+            Manifest.from_json(manifest_for("d-check").to_json(), key)
+        except CacheIntegrityError as exc:
+            raise CacheIntegrityError(
+                f"stage {meta.stage_names[-1]!r}: the entry's metadata does not survive JSON "
+                f"({exc}); hyperparameters must be None/bool/int/float/str or lists and "
+                "str-keyed dicts of those"
+            ) from exc
 
         published = False
         if self._durable is not None:
             published, _ = self._durable.publish(
-                key, encoded.parts, lambda d: manifest_for(d).to_json())
+                key, encoded.parts, lambda d: manifest_for(d).to_json()
+            )
         if self.l1 is not None:
             l1_published = self.l1.put(key, manifest_for("d-object-store"), _flatten(encoded))
             published = published if self._durable is not None else l1_published
         total = sum(f.size for f in files)
         if self.byte_budget is not None and self._durable is not None:
-            self.evict()
+            try:
+                self._evict(self.byte_budget, just_stored=key)
+            except OSError as exc:  # the entry is stored; enforcing the budget can wait
+                logger.warning("prefix cache: could not enforce the byte budget: %s", exc)
         return StoreResult(key, total, time.perf_counter() - start, published)
 
     def delete(self, key: str) -> None:
@@ -370,37 +532,62 @@ class PrefixCache:
         """Evict least-recently-used, unpinned durable entries until the layer
         holds at most ``target_bytes`` (default: ``byte_budget``). Returns the
         evicted keys. Pinned entries are kept even if that leaves it over budget."""
+        if target_bytes is not None and (
+            isinstance(target_bytes, bool) or not isinstance(target_bytes, int) or target_bytes < 0
+        ):
+            raise CacheConfigError(
+                f"target_bytes must be an int of bytes >= 0, got {target_bytes!r}"
+            )
         limit = self.byte_budget if target_bytes is None else target_bytes
         if limit is None or self._durable is None:
             return []
-        entries = self._durable.entries()
+        return self._evict(limit)
+
+    def _evict(self, limit: int, just_stored: str | None = None) -> list[str]:
+        # Only complete entries count and go: data without a manifest may be a
+        # write in progress, and is gc()'s to remove once it is old.
+        entries = [e for e in self._durable.entries() if e.complete]  # type: ignore[union-attr]
         total = sum(e.bytes for e in entries)
         evicted: list[str] = []
-        for entry in sorted(entries, key=lambda e: e.last_used):
+        # Oldest use first; on equal times (S3 keeps whole seconds) the entry just
+        # stored goes last.
+        for entry in sorted(entries, key=lambda e: (e.last_used, e.key == just_stored)):
             if total <= limit:
                 break
             if entry.pinned:
                 continue
-            self._durable.delete(entry.key)
+            self._durable.delete(entry.key)  # type: ignore[union-attr]
             total -= entry.bytes
             evicted.append(entry.key)
         if evicted:
-            logger.info("prefix cache: evicted %d entries (LRU) to stay within %d bytes",
-                        len(evicted), limit)
+            logger.info(
+                "prefix cache: evicted %d entries (LRU) to stay within %d bytes",
+                len(evicted),
+                limit,
+            )
         if total > limit:
-            logger.warning("prefix cache holds %d bytes, over its %d budget, in pinned entries",
-                           total, limit)
+            pinned = sum(e.bytes for e in entries if e.pinned)
+            logger.warning(
+                "prefix cache holds %d bytes, over its budget of %d, because %d bytes are in "
+                "pinned entries; unpin() prefixes the searcher no longer needs",
+                total,
+                limit,
+                pinned,
+            )
         return evicted
 
     def gc(self, older_than: float = 3600.0) -> list[str]:
         """Remove leftovers of interrupted writes (unreferenced data, temp files)
         older than ``older_than`` seconds. Returns the removed paths."""
+        if (
+            isinstance(older_than, bool)
+            or not isinstance(older_than, int | float)
+            or not (older_than >= 0)
+        ):
+            raise CacheConfigError(f"older_than must be seconds >= 0, got {older_than!r}")
         if self._durable is None:
             return []
-        removed = list(self._durable.iter_orphans(older_than))
-        for path in removed:
-            self._durable.remove_path(path)
-        return removed
+        return self._durable.collect_garbage(older_than)
 
     def clear(self) -> None:
         """Remove every entry and pin (both layers)."""
@@ -410,6 +597,30 @@ class PrefixCache:
             self.unpin(key)
         if self.l1 is not None:
             self.l1.clear()
+
+
+def _check_meta(key: str, meta: EntryMeta) -> None:
+    if not isinstance(meta, EntryMeta):
+        raise TypeError(f"meta must be an EntryMeta, got {type(meta).__name__}")
+    lengths = {
+        name: len(getattr(meta, name))
+        for name in ("stage_names", "stage_versions", "params", "compute_seconds")
+    }
+    if not lengths["stage_names"] or len(set(lengths.values())) != 1:
+        raise CacheIntegrityError(
+            f"entry metadata for key {key[:16]}... needs one name, version, params dict and "
+            f"compute cost per stage (at least one stage), got {lengths}"
+        )
+    try:
+        expected = meta.expected_key()
+    except ValueError as exc:  # PrefixKeyError: an unkeyable hyperparameter
+        raise CacheIntegrityError(
+            f"stage {meta.stage_names[-1]!r}: entry metadata cannot be keyed: {exc}"
+        ) from exc
+    if expected != key:
+        raise CacheIntegrityError(
+            f"stage {meta.stage_names[-1]!r}: entry metadata does not produce key {key[:16]}..."
+        )
 
 
 class _Miss:
@@ -432,9 +643,11 @@ def _flatten(encoded: Encoded) -> dict[str, Any]:
         if len(blobs) == 1:
             out[name] = np.frombuffer(memoryview(blobs[0]).cast("B"), dtype=np.uint8)
         else:
-            out[name] = np.concatenate(
-                [np.frombuffer(memoryview(b).cast("B"), dtype=np.uint8) for b in blobs]
-            ) if blobs else np.empty(0, np.uint8)
+            out[name] = (
+                np.concatenate(
+                    [np.frombuffer(memoryview(b).cast("B"), dtype=np.uint8) for b in blobs]
+                )
+                if blobs
+                else np.empty(0, np.uint8)
+            )
     return out
-
-
