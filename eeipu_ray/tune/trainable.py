@@ -29,8 +29,13 @@ def _trial_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def pipeline_trainable(pipeline: Pipeline, cache: PrefixCache | None = None,
-                       metric: str = "score", *, progress: bool = True) -> Any:
+def pipeline_trainable(
+    pipeline: Pipeline,
+    cache: PrefixCache | None = None,
+    metric: str = "score",
+    *,
+    progress: bool = True,
+) -> Any:
     """Return a function trainable for ``tune.run`` / ``tune.Tuner`` / ``tune.with_resources``.
 
     Each trial runs ``pipeline`` through the memoized runner against ``cache``
@@ -41,15 +46,23 @@ def pipeline_trainable(pipeline: Pipeline, cache: PrefixCache | None = None,
     ``tune.report`` when it carries the metric (Tune requires the metric in
     every report).
 
-    Two trials that need the same missing prefix at once both compute it; the
-    first complete entry published wins and the other is discarded (see the
+    Two trials that need the same missing prefix at once both compute it; one
+    complete entry per prefix survives and the other copy is discarded (see the
     README). No lock is held across a stage, so a killed worker can never leave
-    other trials waiting.
+    other trials waiting, and a worker killed while writing leaves no visible
+    entry: the next trial recomputes the stage.
+
+    The trainable carries ``cache`` by value: its settings, never a live
+    filesystem client or the object-store actor's handle, which every trial
+    process opens (or finds by name) again. The trial's Ray node id is recorded
+    in the entries it writes (``manifest.producer["node_id"]``).
 
     Example:
         >>> trainable = pipeline.as_trainable(cache=PrefixCache("/tmp/c"), metric="acc")
         >>> tune.Tuner(trainable, param_space=pipeline.search_space).fit()
     """
+    if not isinstance(metric, str) or not metric:
+        raise ValueError(f"metric must be a non-empty string, got {metric!r}")
     if cache is None:
         cache = PrefixCache()
 
