@@ -6,10 +6,10 @@ A codec is chosen by the value's type; the first registered codec whose
 =============  ==========================================================  =======================
 name           values                                                      format
 =============  ==========================================================  =======================
-``arrow``      ``pyarrow.Table``, ``pyarrow.RecordBatch``                  Arrow IPC file (or Parquet)
+``arrow``      ``pyarrow.Table``, ``pyarrow.RecordBatch``                  Arrow IPC (or Parquet)
 ``pandas``     ``pandas.DataFrame`` (through Arrow, index kept)            Arrow IPC file
 ``torch``      ``torch.Tensor``, ``{str: torch.Tensor}`` (state dicts)     safetensors
-``numpy``      ``numpy.ndarray`` (not ``object`` dtype)                    ``.npy``
+``numpy``      ``numpy.ndarray`` and NumPy scalars (not ``object`` dtype)  ``.npy``
 ``path``       ``pathlib.Path`` to a file or a directory (checkpoints)     the files themselves
 ``json``       ``None``/bool/int/float/str, lists and str-keyed dicts      JSON
 ``composite``  tuples, lists, dicts mixing any of the above                one part group per leaf
@@ -43,7 +43,7 @@ Blob = Any
 #: An encoded part: one blob, or a sequence of blobs written back to back.
 PartData = Any
 
-_PART_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]*$")
+_PART_COMPONENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*")  # used with fullmatch
 
 
 @dataclass
@@ -99,7 +99,7 @@ class ArrowCodec(Codec):
 
     name = "arrow"
 
-    def __init__(self, format: str = "ipc") -> None:  # noqa: A002 - mirrors pyarrow naming
+    def __init__(self, format: str = "ipc") -> None:  # "format" mirrors pyarrow's naming
         if format not in ("ipc", "parquet"):
             raise ValueError(f"ArrowCodec format must be 'ipc' or 'parquet', got {format!r}")
         self.format = format
@@ -137,8 +137,10 @@ class ArrowCodec(Codec):
         else:
             table = pa.ipc.open_file(pa.BufferReader(buf)).read_all()
         if meta.get("kind") == "batch":
-            return table.combine_chunks().to_batches()[0] if table.num_rows else (
-                pa.RecordBatch.from_pylist([], schema=table.schema)
+            return (
+                table.combine_chunks().to_batches()[0]
+                if table.num_rows
+                else (pa.RecordBatch.from_pylist([], schema=table.schema))
             )
         return table
 
@@ -158,15 +160,37 @@ class PandasCodec(Codec):
     def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
         import pyarrow as pa
 
+        _check_pandas_labels(value)
         try:
             table = pa.Table.from_pandas(value)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+            # ValueError: duplicate column names, among others.
             raise CodecError(f"DataFrame cannot be stored as Arrow: {exc}") from exc
         enc = ArrowCodec().encode(table, registry)
         return Encoded(self.name, enc.parts, enc.meta)
 
     def decode(self, parts, meta, workdir, registry):
         return ArrowCodec().decode(parts, meta, workdir, registry).to_pandas()
+
+
+def _check_pandas_labels(df: Any) -> None:
+    # Arrow turns these labels into strings with only a warning: the DataFrame
+    # would come back different from what the stage returned.
+    import pandas as pd
+
+    levels = getattr(df.columns, "levels", [df.columns])
+    for level in levels:
+        if level.dtype == object and "mixed" in pd.api.types.infer_dtype(level, skipna=False):
+            raise CodecError(
+                f"DataFrame column names of mixed types ({list(level)[:10]!r}) do not survive "
+                "Arrow; make them all strings (df.columns = df.columns.map(str))"
+            )
+    bad = [n for n in df.index.names if n is not None and not isinstance(n, str)]
+    if bad:
+        raise CodecError(
+            f"DataFrame index names {bad!r} are not strings and do not survive Arrow; "
+            "rename them (df.index.names = [...])"
+        )
 
 
 # --------------------------------------------------------------------- torch
@@ -202,12 +226,19 @@ class TorchCodec(Codec):
         unique: dict[str, torch.Tensor] = {}
         aliases: dict[str, str] = {}
         first_by_view: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], str], str] = {}
-        for name, t in tensors.items():
-            t = t.detach()
-            if t.is_sparse:
-                raise CodecError(f"tensor {name!r} is sparse; convert it with .to_dense()")
-            view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                    tuple(t.stride()), str(t.dtype))
+        for name, tensor in tensors.items():
+            t = tensor.detach()
+            if t.layout != torch.strided:
+                raise CodecError(
+                    f"tensor {name!r} has layout {t.layout}; convert it with .to_dense()"
+                )
+            view = (
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                tuple(t.shape),
+                tuple(t.stride()),
+                str(t.dtype),
+            )
             if t.numel() > 0 and view in first_by_view:
                 aliases[name] = first_by_view[view]
                 continue
@@ -215,7 +246,9 @@ class TorchCodec(Codec):
             # safetensors refuses tensors sharing storage: store a compact copy.
             unique[name] = t.to("cpu").contiguous().clone()
         data = save(unique)
-        return Encoded(self.name, {"data": data}, {"single": single, "aliases": aliases})
+        # safetensors reorders tensors: keep the state dict's order in meta.
+        meta = {"single": single, "aliases": aliases, "order": list(tensors)}
+        return Encoded(self.name, {"data": data}, meta)
 
     def decode(self, parts, meta, workdir, registry):
         from safetensors.torch import load
@@ -225,12 +258,17 @@ class TorchCodec(Codec):
             tensors[name] = tensors[target]
         if meta.get("single"):
             return tensors["tensor"]
+        order = meta.get("order")
+        if order is not None and set(order) == set(tensors):
+            return {name: tensors[name] for name in order}
         return tensors
 
 
 # --------------------------------------------------------------------- numpy
 class NumpyCodec(Codec):
-    """``numpy.ndarray`` in ``.npy`` format (no pickled object arrays)."""
+    """``numpy.ndarray`` in ``.npy`` format (no pickled object arrays), and NumPy
+    scalars (``np.float64(...)``) as 0-d arrays. Masked arrays are left to other
+    codecs: the ``.npy`` format would drop the mask."""
 
     name = "numpy"
 
@@ -239,34 +277,47 @@ class NumpyCodec(Codec):
             return False
         import numpy as np
 
-        return isinstance(value, np.ndarray) and not value.dtype.hasobject
+        if isinstance(value, np.ma.MaskedArray):
+            return False
+        return isinstance(value, np.ndarray | np.generic) and not value.dtype.hasobject
 
     def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
         import numpy as np
 
+        scalar = isinstance(value, np.generic)
+        if scalar:
+            value = np.asarray(value)
         header = io.BytesIO()
         arr = np.ascontiguousarray(value) if not value.flags.f_contiguous else value
-        np.lib.format.write_array_header_2_0(
-            header, np.lib.format.header_data_from_array_1_0(arr)
-        )
-        body = memoryview(arr.reshape(-1, order="A")).cast("B") if arr.size else b""
-        return Encoded(self.name, {"data": [header.getvalue(), body]}, {})
+        np.lib.format.write_array_header_2_0(header, np.lib.format.header_data_from_array_1_0(arr))
+        # A uint8 view, not memoryview(...).cast("B"): the buffer protocol cannot
+        # export every dtype (datetime64, timedelta64).
+        body = memoryview(arr.reshape(-1, order="A").view(np.uint8)) if arr.size else b""
+        return Encoded(self.name, {"data": [header.getvalue(), body]}, {"scalar": scalar})
 
     def decode(self, parts, meta, workdir, registry):
         import numpy as np
 
         buf = memoryview(parts["data"]).cast("B")
-        stream = io.BytesIO(buf[:65536 + 16].tobytes())  # header is small; body stays zero-copy
+        stream = io.BytesIO(buf[: 65536 + 16].tobytes())  # the header is small
         version = np.lib.format.read_magic(stream)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
         shape, fortran, dtype = read_header(stream)
         offset = stream.tell()
         count = 1
         for n in shape:
             count *= n
         arr = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
-        return arr.reshape(shape, order="F" if fortran else "C")
+        if not arr.flags.writeable:
+            # Read-only bytes or a read-only memory map: a stage may modify its
+            # input in place on a computed run, so it must be able to on a loaded one.
+            arr = arr.copy()
+        arr = arr.reshape(shape, order="F" if fortran else "C")
+        return arr[()] if meta.get("scalar") else arr
 
 
 # ---------------------------------------------------------------------- path
@@ -285,8 +336,11 @@ class PathCodec(Codec):
         path = Path(value)
         if path.is_symlink():
             raise CodecError(f"path {str(path)!r} is a symbolic link; store the target instead")
+        # Refuse at store time what decode would refuse to restore.
+        raw_name = path.name if path.name not in ("", ".", "..") else path.resolve().name
+        name = _safe_name(raw_name or "value")
         if path.is_file():
-            return Encoded(self.name, {"file": _read_file(path)}, {"kind": "file", "name": path.name})
+            return Encoded(self.name, {"file": _read_file(path)}, {"kind": "file", "name": name})
         if not path.is_dir():
             raise CodecError(f"path {str(path)!r} does not exist or is not a file or directory")
         parts: dict[str, PartData] = {}
@@ -302,14 +356,19 @@ class PathCodec(Codec):
                 full = Path(root) / f
                 if full.is_symlink():
                     raise CodecError(f"{full} is a symbolic link; refusing to store it")
+                if not full.is_file():  # a FIFO would block the read forever
+                    raise CodecError(f"{full} is not a regular file; refusing to store it")
+                rel = _safe_relative((rel_root / f).as_posix())
                 # Parts get neutral names; the real relative paths travel in meta.
                 parts[f"f{len(files)}"] = _read_file(full)
-                files.append((rel_root / f).as_posix())
-        meta = {"kind": "dir", "name": path.name, "dirs": dirs, "files": files}
+                files.append(rel)
+        for d in dirs:
+            _safe_relative(d)
+        meta = {"kind": "dir", "name": name, "dirs": dirs, "files": files}
         return Encoded(self.name, parts, meta)
 
     def decode(self, parts, meta, workdir, registry):
-        name = _safe_relative(str(meta.get("name") or "value"))
+        name = _safe_name(str(meta.get("name") or "value"))
         dest_root = Path(workdir) / f"restored-{uuid.uuid4().hex[:12]}"
         dest_root.mkdir(parents=True, exist_ok=False)
         dest = dest_root / name
@@ -328,10 +387,22 @@ class PathCodec(Codec):
 
 def _safe_relative(rel: str) -> str:
     pure = PurePosixPath(rel)
-    if (not rel or pure.is_absolute() or "\\" in rel or "\x00" in rel
-            or any(c in ("", ".", "..") for c in pure.parts)):
+    if (
+        not rel
+        or pure.is_absolute()
+        or "\\" in rel
+        or "\x00" in rel
+        or any(c in ("", ".", "..") for c in pure.parts)
+    ):
         raise CodecError(f"stored path {rel!r} is not a safe relative path; refusing to restore it")
     return rel
+
+
+def _safe_name(name: str) -> str:
+    _safe_relative(name)
+    if "/" in name:
+        raise CodecError(f"stored name {name!r} is not a single path component")
+    return name
 
 
 def _read_file(path: Path) -> bytes:
@@ -377,8 +448,10 @@ class CompositeCodec(Codec):
     name = "composite"
 
     def matches(self, value: Any) -> bool:
-        return isinstance(value, tuple | list) or (
-            isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        # Exact types only: a subclass (namedtuple, OrderedDict, ...) would come
+        # back as a plain tuple/list/dict, or, for a dict subclass, recurse forever.
+        return type(value) in (tuple, list) or (
+            type(value) is dict and all(isinstance(k, str) for k in value)
         )
 
     def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
@@ -388,11 +461,15 @@ class CompositeCodec(Codec):
         def walk(v: Any) -> Any:
             if v is None or type(v) in (bool, int, float, str):
                 return {"t": "v", "v": v}
-            if isinstance(v, tuple | list) and not _is_leaf_type(v, registry):
-                return {"t": "tuple" if isinstance(v, tuple) else "list",
-                        "items": [walk(x) for x in v]}
-            if type(v) is dict and all(isinstance(k, str) for k in v) and not _is_leaf_type(
-                v, registry
+            if type(v) in (tuple, list) and not _is_leaf_type(v, registry):
+                return {
+                    "t": "tuple" if isinstance(v, tuple) else "list",
+                    "items": [walk(x) for x in v],
+                }
+            if (
+                type(v) is dict
+                and all(isinstance(k, str) for k in v)
+                and not _is_leaf_type(v, registry)
             ):
                 return {"t": "dict", "items": [[k, walk(x)] for k, x in v.items()]}
             leaf_id = f"l{counter[0]}"
@@ -416,7 +493,7 @@ class CompositeCodec(Codec):
             if t == "dict":
                 return {k: build(x) for k, x in node["items"]}
             prefix = node["id"] + "/"
-            sub = {k[len(prefix):]: v for k, v in parts.items() if k.startswith(prefix)}
+            sub = {k[len(prefix) :]: v for k, v in parts.items() if k.startswith(prefix)}
             return registry.get(node["codec"]).decode(sub, node["meta"], workdir, registry)
 
         return build(meta["tree"])
@@ -445,7 +522,9 @@ class PickleCodec(Codec):
         try:
             return Encoded(self.name, {"data": pickle.dumps(value, protocol=5)}, {})
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            raise CodecError(f"value of type {type(value).__name__} cannot be pickled: {exc}") from exc
+            raise CodecError(
+                f"value of type {type(value).__name__} cannot be pickled: {exc}"
+            ) from exc
 
     def decode(self, parts, meta, workdir, registry):
         import pickle
@@ -455,28 +534,45 @@ class PickleCodec(Codec):
 
 # ------------------------------------------------------------------ registry
 def default_codecs() -> list[Codec]:
-    return [ArrowCodec(), PandasCodec(), TorchCodec(), NumpyCodec(), PathCodec(), JsonCodec(),
-            CompositeCodec()]
+    return [
+        ArrowCodec(),
+        PandasCodec(),
+        TorchCodec(),
+        NumpyCodec(),
+        PathCodec(),
+        JsonCodec(),
+        CompositeCodec(),
+    ]
 
 
 class CodecRegistry:
     """The ordered codecs a cache uses; custom codecs come before the built-ins.
 
     Args:
-        codecs: Extra codecs, tried first.
+        codecs: Extra codecs, tried first. One named like a built-in codec
+            replaces it (``ArrowCodec(format="parquet")``); it must then also
+            decode what the built-in wrote.
         allow_pickle: Add the pickle codec as the last resort (and allow decoding
             pickled entries). Off by default.
     """
 
     def __init__(self, codecs: Sequence[Codec] = (), allow_pickle: bool = False) -> None:
         self.allow_pickle = allow_pickle
-        self.codecs: list[Codec] = [*codecs, *default_codecs()]
+        custom = list(codecs)
+        names = [c.name for c in custom]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes or "" in names or "pickle" in names:
+            raise ValueError(
+                f"custom codec names must be unique, non-empty and not 'pickle' (set "
+                f"allow_pickle instead); got {names}"
+            )
+        replaced = set(names)
+        self.codecs: list[Codec] = [
+            *custom,
+            *(c for c in default_codecs() if c.name not in replaced),
+        ]
         if allow_pickle:
             self.codecs.append(PickleCodec())
-        names = [c.name for c in self.codecs]
-        dupes = {n for n in names if names.count(n) > 1}
-        if dupes or "" in names:
-            raise ValueError(f"codec names must be unique and non-empty; repeated: {sorted(dupes)}")
         self._by_name = {c.name: c for c in reversed(self.codecs)}
 
     def get(self, name: str) -> Codec:
@@ -495,11 +591,17 @@ class CodecRegistry:
 
     def encode(self, value: Any, *, stage: str | None = None) -> Encoded:
         """Encode a stage output; a :class:`CodecError` names the stage when no codec fits."""
+        where = f"stage {stage!r}: " if stage else ""
         try:
             enc = self.encode_leaf(value)
         except CodecError as exc:
-            where = f"stage {stage!r}: " if stage else ""
             raise CodecError(f"{where}{exc}") from exc
+        except RecursionError as exc:
+            raise CodecError(f"{where}value is nested too deeply (or contains itself)") from exc
+        except Exception as exc:  # a codec's library failing on this value
+            raise CodecError(
+                f"{where}encoding a value of type {type(value).__qualname__} failed: {exc!r}"
+            ) from exc
         for part in enc.parts:
             check_part_name(part)
         return enc
@@ -508,26 +610,36 @@ class CodecRegistry:
         for codec in self.codecs:
             if codec.matches(value):
                 return codec.encode(value, self)
-        hint = "" if self.allow_pickle else (
-            "; return Arrow/NumPy/torch/JSON values or a pathlib.Path, register a Codec, or "
-            "open the cache with allow_pickle=True if every writer is trusted"
+        hint = (
+            ""
+            if self.allow_pickle
+            else (
+                "; return Arrow/NumPy/torch/JSON values or a pathlib.Path, register a Codec, or "
+                "open the cache with allow_pickle=True if every writer is trusted"
+            )
         )
-        raise CodecError(f"no codec can store a value of type {type(value).__module__}."
-                         f"{type(value).__qualname__}{hint}")
+        raise CodecError(
+            f"no codec can store a value of type {type(value).__module__}."
+            f"{type(value).__qualname__}{hint}"
+        )
 
-    def decode(self, codec: str, parts: Mapping[str, Blob], meta: Mapping[str, Any],
-               workdir: Path) -> Any:
+    def decode(
+        self, codec: str, parts: Mapping[str, Blob], meta: Mapping[str, Any], workdir: Path
+    ) -> Any:
         return self.get(codec).decode(parts, meta, workdir, self)
 
 
 def check_part_name(name: str) -> str:
-    """Reject part names that could escape an entry's directory."""
-    pure = PurePosixPath(name)
+    """Reject part names that could escape an entry's directory.
+
+    Components are split on "/" as written (not normalized like ``PurePosixPath``
+    would: "." and "a//b" would name the directory itself, or one file under two
+    names on an object store); each must match ``[A-Za-z0-9_][A-Za-z0-9_.=+-]*``.
+    """
     if (
-        not name
-        or pure.is_absolute()
-        or "\\" in name
-        or any(not _PART_COMPONENT_RE.match(c) or c in (".", "..") for c in pure.parts)
+        not isinstance(name, str)
+        or not name
+        or any(not _PART_COMPONENT_RE.fullmatch(c) for c in name.split("/"))
     ):
         raise CodecError(
             f"part name {name!r} is not a safe relative path (letters, digits, '_.=+-' per "

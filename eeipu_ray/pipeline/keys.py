@@ -36,7 +36,7 @@ from eeipu_ray.errors import PrefixKeyError
 #: Bumped only if the canonical encoding changes; part of every key.
 KEY_FORMAT = "eeipu-prefix-v1"
 
-_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def canonicalize(value: Any, where: str = "value") -> Any:
@@ -52,20 +52,25 @@ def canonicalize(value: Any, where: str = "value") -> Any:
         PrefixKeyError: for NaN or for a type without a canonical form.
     """
     # NumPy scalars: converted by duck typing so keys.py does not import NumPy.
-    if hasattr(value, "item") and type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0:
+    if (
+        hasattr(value, "item")
+        and type(value).__module__ == "numpy"
+        and getattr(value, "ndim", 1) == 0
+    ):
         value = value.item()
     if value is None:
         return ["n"]
     if isinstance(value, bool):  # before int: bool is a subclass of int
         return ["b", value]
     if isinstance(value, int):
-        return ["i", str(value)]
+        # int(): an IntEnum's str() differs between Python versions.
+        return ["i", str(int(value))]
     if isinstance(value, float):
         if math.isnan(value):
             raise PrefixKeyError(f"{where} is NaN; a NaN hyperparameter cannot be keyed")
         return ["f", value.hex()]
     if isinstance(value, str):
-        return ["s", value]
+        return ["s", str(value)]
     if isinstance(value, Mapping):
         items = []
         for k in value:
@@ -107,9 +112,28 @@ def chain_key(
         params: The stage's own hyperparameters.
     """
     check_key(parent_key)
-    canon = canonicalize(dict(params), f"stage {stage_name!r}")
+    if not isinstance(params, Mapping):
+        raise PrefixKeyError(
+            f"stage {stage_name!r}: hyperparameters must be a mapping, got {type(params).__name__}"
+        )
+    canon = _canonical_params(stage_name, params)
     body = _dumps([parent_key, index, stage_name, version, canon])
     return hashlib.sha256(body).hexdigest()
+
+
+def _canonical_params(stage_name: str, params: Mapping[str, Any]) -> Any:
+    # Same structure as canonicalize(dict(params)); only the error messages
+    # differ: they name the stage and the hyperparameter ("stage 'prep', key 'lr'").
+    items = []
+    for k in params:
+        if not isinstance(k, str):
+            raise PrefixKeyError(
+                f"stage {stage_name!r} has a non-string hyperparameter name {k!r} "
+                f"({type(k).__name__})"
+            )
+        items.append([k, canonicalize(params[k], f"stage {stage_name!r}, key {k!r}")])
+    items.sort(key=lambda kv: kv[0])
+    return ["d", items]
 
 
 def check_key(key: str) -> str:
@@ -117,6 +141,7 @@ def check_key(key: str) -> str:
 
     Called before a key becomes part of any storage path.
     """
-    if not isinstance(key, str) or not _KEY_RE.match(key):
+    # fullmatch: re.match with "$" would also accept a trailing newline.
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise PrefixKeyError(f"{key!r} is not a prefix key (64 lowercase hex characters)")
     return key

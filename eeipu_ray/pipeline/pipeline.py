@@ -19,6 +19,10 @@ _PIPELINE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 def _is_domain(value: Any) -> bool:
     # Ray Tune domains, recognized without importing Ray (pipeline/ stays Ray-free).
+    # ``tune.grid_search([...])`` is the plain dict ``{"grid_search": [...]}``: a
+    # value to choose, never a constant to pass to the stage.
+    if isinstance(value, Mapping) and set(value) == {"grid_search"}:
+        return True
     return any(cls.__name__ == "Domain" for cls in type(value).__mro__)
 
 
@@ -105,13 +109,23 @@ class Pipeline:
         if not isinstance(config, Mapping):
             raise ConfigError(f"config must be a mapping, got {type(config).__name__}")
         per_stage: list[dict[str, Any]] = [{} for _ in self.stages]
+
+        def put(stage_name: str, param: Any, value: Any, shown: str) -> None:
+            self._check_param(stage_name, param, shown)
+            params = per_stage[self._index[stage_name]]
+            if param in params:  # nested and flat forms both set it
+                raise ConfigError(
+                    f"config sets hyperparameter {stage_name}/{param} twice (nested and flat "
+                    f"form); give it once"
+                )
+            params[param] = value
+
         for key, value in config.items():
             if not isinstance(key, str):
                 raise ConfigError(f"config key {key!r} is not a string")
             if "/" in key:  # flat form "stage/param"
                 stage_name, _, param = key.partition("/")
-                self._check_param(stage_name, param, key)
-                per_stage[self._index[stage_name]][param] = value
+                put(stage_name, param, value, key)
             elif key in self._index:
                 if not isinstance(value, Mapping):
                     raise ConfigError(
@@ -119,8 +133,7 @@ class Pipeline:
                         f"got {value!r}"
                     )
                 for param, v in value.items():
-                    self._check_param(key, param, f"{key}/{param}")
-                    per_stage[self._index[key]][param] = v
+                    put(key, param, v, f"{key}/{param}")
             else:
                 raise ConfigError(
                     f"config key {key!r} belongs to no stage of pipeline {self.name!r} "
@@ -194,6 +207,11 @@ def _apply_space(
 ) -> list[Stage]:
     from dataclasses import replace
 
+    if not isinstance(space, Mapping):
+        raise PipelineDefinitionError(
+            f"pipeline {name!r}: space must be a mapping {{stage: {{key: domain}}}}, got "
+            f"{type(space).__name__}"
+        )
     by_name = {s.name: s for s in stages}
     for stage_name, sub in space.items():
         if stage_name not in by_name:

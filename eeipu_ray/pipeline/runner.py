@@ -19,6 +19,8 @@ Cost accounting per stage (the numbers the searcher learns from):
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 import sys
 import tempfile
@@ -101,14 +103,14 @@ class PipelineRun:
         last = self.stages[-1].name if self.stages else "?"
         if isinstance(out, Mapping):
             for k, v in out.items():
-                if isinstance(k, str) and isinstance(v, int | float) and "/" not in k:
-                    result[k] = v
+                if isinstance(k, str) and _is_number(v) and "/" not in k:
+                    result[k] = int(v) if isinstance(v, numbers.Integral) else float(v)
             if metric is not None and metric not in result:
                 raise StageExecutionError(
                     f"last stage {last!r} returned a mapping without a numeric {metric!r} entry "
                     f"(keys: {sorted(map(str, out))}); return {{{metric!r}: value, ...}}"
                 )
-        elif isinstance(out, int | float) and not isinstance(out, bool):
+        elif _is_number(out):
             result[metric or "score"] = float(out)
         elif metric is not None:
             raise StageExecutionError(
@@ -127,8 +129,12 @@ class PipelineRun:
         return result
 
     def as_dict(self) -> dict[str, Any]:
-        return {"memoized_stages": self.memoized_stages,
-                "stages": [asdict(s) for s in self.stages]}
+        return {"memoized_stages": self.memoized_stages, "stages": [asdict(s) for s in self.stages]}
+
+
+def _is_number(value: Any) -> bool:
+    # numbers.Real covers NumPy scalars (np.float32 is no float subclass); bools are flags.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _sync_cuda() -> None:
@@ -168,10 +174,13 @@ def run_pipeline(
     per_stage = pipeline.split_config(config)
     keys = pipeline._keys(per_stage)
     n = len(pipeline.stages)
-    trial_path = Path(trial_dir) if trial_dir is not None else Path(
-        tempfile.mkdtemp(prefix="eeipu-trial-"))
+    trial_path = (
+        Path(trial_dir) if trial_dir is not None else Path(tempfile.mkdtemp(prefix="eeipu-trial-"))
+    )
     trial_path.mkdir(parents=True, exist_ok=True)
-    restore_dir = trial_path / "restored"
+    # A name no stage can have (stage names never start with "."): a stage's
+    # scratch directory trial_path/<stage> never holds restored inputs.
+    restore_dir = trial_path / ".restored"
 
     records: list[StageRecord] = []
     value: Any = None
@@ -192,15 +201,26 @@ def run_pipeline(
                     spent = float(stage.load_cost)
                 else:
                     spent = hit.seconds if i == k - 1 else 0.0
-                records.append(StageRecord(
-                    name=stage.name, index=i + 1, prefix_key=keys[i], status="loaded",
-                    seconds=spent, compute_seconds=float(compute_so_far[i]),
-                    bytes=hit.manifest.total_bytes if i == k - 1 else 0,
-                    load_seconds=hit.seconds if i == k - 1 else 0.0,
-                    producer=dict(hit.manifest.producer) if i == k - 1 else {},
-                ))
-            logger.info("pipeline %s: loaded stages 1..%d from cache (%.3fs, %s layer)",
-                        pipeline.name, k, hit.seconds, hit.layer)
+                records.append(
+                    StageRecord(
+                        name=stage.name,
+                        index=i + 1,
+                        prefix_key=keys[i],
+                        status="loaded",
+                        seconds=spent,
+                        compute_seconds=float(compute_so_far[i]),
+                        bytes=hit.manifest.total_bytes if i == k - 1 else 0,
+                        load_seconds=hit.seconds if i == k - 1 else 0.0,
+                        producer=dict(hit.manifest.producer) if i == k - 1 else {},
+                    )
+                )
+            logger.info(
+                "pipeline %s: loaded stages 1..%d from cache (%.3fs, %s layer)",
+                pipeline.name,
+                k,
+                hit.seconds,
+                hit.layer,
+            )
             break
 
     # 3-4. Run the rest, timing each stage and storing every output but the last.
@@ -209,7 +229,10 @@ def run_pipeline(
         stage = pipeline.stages[i]
         params = per_stage[i]
         ctx = StageContext(
-            stage=stage.name, index=i + 1, trial_dir=trial_path / stage.name, device=device,
+            stage=stage.name,
+            index=i + 1,
+            trial_dir=trial_path / stage.name,
+            device=device,
             params={s.name: params_so_far[s.name] for s in pipeline.stages[: i + 1]},
             _reporter=reporter,
         )
@@ -227,24 +250,56 @@ def run_pipeline(
         measured = time.perf_counter() - start
         declared = ctx._charged
         if declared is None and stage.cost is not None:
-            declared = float(stage.cost(params))
-            if not declared >= 0.0:
+            try:
+                declared = float(stage.cost(params))
+            except Exception as exc:
                 raise StageExecutionError(
-                    f"stage {stage.name!r}: declared cost {declared!r} for {params!r} is not >= 0")
+                    f"stage {stage.name!r}: its cost function failed for hyperparameters "
+                    f"{params!r}: {exc!r}"
+                ) from exc
+            if not (math.isfinite(declared) and declared >= 0.0):
+                raise StageExecutionError(
+                    f"stage {stage.name!r}: declared cost {declared!r} for {params!r} is not "
+                    "a finite number >= 0"
+                )
         compute = measured if declared is None else declared
         compute_so_far.append(compute)
-        record = StageRecord(name=stage.name, index=i + 1, prefix_key=keys[i], status="executed",
-                             seconds=compute, compute_seconds=compute)
+        record = StageRecord(
+            name=stage.name,
+            index=i + 1,
+            prefix_key=keys[i],
+            status="executed",
+            seconds=compute,
+            compute_seconds=compute,
+        )
         if cache is not None and i < n - 1:
-            _store(cache, pipeline, keys[i], value, per_stage[: i + 1], compute_so_far,
-                   trial_id, record, declared is not None)
+            _store(
+                cache,
+                pipeline,
+                keys[i],
+                value,
+                params=per_stage[: i + 1],
+                compute=compute_so_far,
+                trial_id=trial_id,
+                record=record,
+                declared=declared is not None,
+            )
         records.append(record)
     return PipelineRun(output=value, stages=records, memoized_stages=memoized)
 
 
-def _store(cache: PrefixCache, pipeline: Pipeline, key: str, value: Any,
-           params: list[dict[str, Any]], compute: list[float], trial_id: str | None,
-           record: StageRecord, declared: bool) -> None:
+def _store(
+    cache: PrefixCache,
+    pipeline: Pipeline,
+    key: str,
+    value: Any,
+    *,
+    params: list[dict[str, Any]],
+    compute: list[float],
+    trial_id: str | None,
+    record: StageRecord,
+    declared: bool,
+) -> None:
     from eeipu_ray.cache.manifest import EntryMeta
 
     n = len(params)
@@ -252,7 +307,7 @@ def _store(cache: PrefixCache, pipeline: Pipeline, key: str, value: Any,
         pipeline=pipeline.name,
         stage_names=[s.name for s in pipeline.stages[:n]],
         stage_versions=[s.version for s in pipeline.stages[:n]],
-        params=params,
+        params=[_plain(p) for p in params],
         compute_seconds=list(compute),
         trial_id=trial_id,
     )
@@ -269,3 +324,23 @@ def _store(cache: PrefixCache, pipeline: Pipeline, key: str, value: Any,
     record.stored = result.published
     if not declared:
         record.seconds += result.seconds
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with NumPy scalars turned into the Python scalars they hold.
+
+    The manifest is JSON: a NumPy scalar (``np.int64`` from a searcher) would be
+    written as its repr, and the entry would no longer match its key. The key
+    already treats a NumPy scalar as the Python scalar (:func:`canonicalize`).
+    """
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):  # JSON makes it a list; the key does not differ
+        return [_plain(v) for v in value]
+    if (
+        hasattr(value, "item")
+        and type(value).__module__ == "numpy"
+        and getattr(value, "ndim", 1) == 0
+    ):
+        return value.item()
+    return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,8 +59,10 @@ class StageContext:
         record and in what the cache remembers as the stage's compute cost.
         """
         cost = float(cost)
-        if not cost >= 0.0:
-            raise ValueError(f"stage {self.stage!r} charged a cost of {cost!r}; costs must be >= 0")
+        if not (math.isfinite(cost) and cost >= 0.0):
+            raise ValueError(
+                f"stage {self.stage!r} charged a cost of {cost!r}; costs must be finite and >= 0"
+            )
         self._charged = cost
 
 
@@ -118,12 +121,17 @@ class Stage:
                     f"stage {self.name!r}: hyperparameter name {key!r} is invalid: use "
                     "letters, digits, '_', '.', '-'"
                 )
-        if self.load_cost is not None and not float(self.load_cost) >= 0.0:
+        if self.cost is not None and not callable(self.cost):
             raise PipelineDefinitionError(
-                f"stage {self.name!r}: load_cost {self.load_cost!r} must be >= 0"
+                f"stage {self.name!r}: cost {self.cost!r} must be a callable cost(params) -> "
+                "float, or None"
+            )
+        if self.load_cost is not None and not _is_finite_nonnegative(self.load_cost):
+            raise PipelineDefinitionError(
+                f"stage {self.name!r}: load_cost {self.load_cost!r} must be a finite number >= 0"
             )
         object.__setattr__(self, "space", dict(self.space))
-        object.__setattr__(self, "_wants_ctx", _accepts_three_args(self.fn))
+        object.__setattr__(self, "_wants_ctx", _accepts_three_args(self.name, self.fn))
 
     def call(self, inputs: Any, params: Mapping[str, Any], ctx: StageContext) -> Any:
         """Run the stage function with the arguments it accepts."""
@@ -132,20 +140,42 @@ class Stage:
         return self.fn(inputs, dict(params))
 
 
-def _accepts_three_args(fn: StageFn) -> bool:
+def _is_finite_nonnegative(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and number >= 0.0
+
+
+def _accepts_three_args(stage_name: str, fn: StageFn) -> bool:
+    """Whether ``fn`` is called as ``fn(inputs, params, ctx)`` (else ``fn(inputs, params)``).
+
+    Raises:
+        PipelineDefinitionError: naming the stage when ``fn`` can be called
+            neither way (too few or too many required arguments).
+    """
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # builtins without a signature: pass ctx
         return True
     params = list(sig.parameters.values())
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return True
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) >= 3:
-        return True
-    if len(positional) == 2:
-        return False
+    required = [p for p in positional if p.default is p.empty]
+    keyword_only_required = [
+        p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+    ]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    # A call with n positional arguments binds iff required <= n <= accepted.
+    accepted = math.inf if varargs else len(positional)
+    if not keyword_only_required:
+        if len(required) <= 3 <= accepted:
+            return True
+        if len(required) <= 2 <= accepted:
+            return False
     raise PipelineDefinitionError(
-        f"stage function {getattr(fn, '__name__', fn)!r} must accept (inputs, params, ctx) "
-        f"or (inputs, params); its signature is {sig}"
+        f"stage {stage_name!r}: function {getattr(fn, '__name__', fn)!r} must accept "
+        f"(inputs, params, ctx) or (inputs, params); its signature is {sig}"
     )
