@@ -116,12 +116,13 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         for e in sorted(cache.entries(), key=lambda e: e.last_used):
             m = cache.manifest(e.key) if e.complete else None
             stage = "/".join(m.meta.stage_names) if m else "(incomplete)"
-            print(f"{e.key[:16]}  {e.bytes:>12d}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.last_used))}"
-                  f"  {'pinned ' if e.pinned else ''}{stage}")
+            used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_used))
+            print(f"{e.key[:16]}  {e.bytes:>12d}  {used}  {'pinned ' if e.pinned else ''}{stage}")
     elif args.action == "gc":
         removed = cache.gc(older_than=args.older_than)
         evicted = cache.evict(_parse_size(args.max_bytes)) if args.max_bytes else []
-        print(f"removed {len(removed)} leftovers of interrupted writes; evicted {len(evicted)} entries")
+        print(f"removed {len(removed)} leftovers of interrupted writes; "
+              f"evicted {len(evicted)} entries")
     return 0
 
 
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--object-store", default=None,
                      help="name of a Ray object-store cache layer in front of --cache")
     run.add_argument("--cache-budget", default=None, help="byte budget of the cache, e.g. 20GiB")
-    run.add_argument("--address", default=None, help="Ray address (auto, ray://...); local if unset")
+    run.add_argument("--address", default=None,
+                     help="Ray address (auto, ray://...); a local cluster if unset")
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster")
     run.add_argument("--cpus-per-trial", type=float, default=1.0)
     run.add_argument("--gpus-per-trial", type=float, default=0.0)

@@ -31,7 +31,7 @@ import re
 import sys
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -116,15 +116,19 @@ class ArrowCodec(Codec):
 
         kind = "batch" if isinstance(value, pa.RecordBatch) else "table"
         table = pa.Table.from_batches([value]) if kind == "batch" else value
-        sink = pa.BufferOutputStream()
-        if self.format == "parquet":
-            import pyarrow.parquet as pq
+        fmt = self.format
 
-            pq.write_table(table, sink)
-        else:
-            with pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-        return Encoded(self.name, {"data": sink.getvalue()}, {"kind": kind, "format": self.format})
+        def write(fh: Any) -> None:
+            sink = fh if isinstance(fh, pa.NativeFile) else pa.PythonFile(fh, mode="w")
+            if fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                pq.write_table(table, sink)
+            else:
+                with pa.ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(table)
+
+        return Encoded(self.name, {"data": StreamPart(write)}, {"kind": kind, "format": fmt})
 
     def decode(self, parts, meta, workdir, registry):
         import pyarrow as pa
@@ -219,7 +223,8 @@ class TorchCodec(Codec):
 
     def encode(self, value: Any, registry: CodecRegistry) -> Encoded:
         import torch
-        from safetensors.torch import save
+
+        from eeipu_ray.cache._safetensors import to_buffers as to_safetensors_buffers
 
         single = isinstance(value, torch.Tensor)
         tensors = {"tensor": value} if single else dict(value)
@@ -243,17 +248,18 @@ class TorchCodec(Codec):
                 aliases[name] = first_by_view[view]
                 continue
             first_by_view[view] = name
-            # safetensors refuses tensors sharing storage: store a compact copy.
-            unique[name] = t.to("cpu").contiguous().clone()
-        data = save(unique)
-        # safetensors reorders tensors: keep the state dict's order in meta.
+            unique[name] = t
+        try:
+            data = to_safetensors_buffers(unique)
+        except TypeError as exc:
+            raise CodecError(str(exc)) from exc
         meta = {"single": single, "aliases": aliases, "order": list(tensors)}
         return Encoded(self.name, {"data": data}, meta)
 
     def decode(self, parts, meta, workdir, registry):
-        from safetensors.torch import load
+        from eeipu_ray.cache._safetensors import from_buffer
 
-        tensors = load(bytes(parts["data"]))
+        tensors, _ = from_buffer(parts["data"])
         for name, target in meta.get("aliases", {}).items():
             tensors[name] = tensors[target]
         if meta.get("single"):
@@ -405,9 +411,15 @@ def _safe_name(name: str) -> str:
     return name
 
 
-def _read_file(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
+def _read_file(path: Path) -> StreamPart:
+    """A part that copies the file in chunks when written (no full in-memory copy)."""
+
+    def write(fh: Any) -> None:
+        with open(path, "rb") as src:
+            while chunk := src.read(8 * 2**20):
+                fh.write(chunk)
+
+    return StreamPart(write)
 
 
 # ---------------------------------------------------------------------- json
@@ -648,11 +660,40 @@ def check_part_name(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class StreamPart:
+    """A part produced by writing into a binary file object.
+
+    Local stores hand ``write`` the destination file itself (through a hashing
+    wrapper), so a large value goes to disk without an in-memory copy; other
+    consumers materialize it (:func:`iter_blobs`).
+
+    Attributes:
+        write: ``write(fh)``; ``fh`` has ``write(buffer)`` and ``tell()``.
+    """
+
+    write: Callable[[Any], None]
+
+
 def part_size(data: PartData) -> int:
-    if isinstance(data, list | tuple):
-        return sum(memoryview(b).nbytes for b in data)
-    return memoryview(data).nbytes
+    return sum(memoryview(b).nbytes for b in iter_blobs(data))
 
 
 def iter_blobs(data: PartData) -> list[Blob]:
+    """The part as a list of buffers (a :class:`StreamPart` is written to memory)."""
+    if isinstance(data, StreamPart):
+        import pyarrow as pa
+
+        sink = pa.BufferOutputStream()
+        data.write(sink)
+        return [sink.getvalue()]
     return list(data) if isinstance(data, list | tuple) else [data]
+
+
+def write_part(data: PartData, fh: Any) -> None:
+    """Write a part to a binary file object, streaming a :class:`StreamPart`."""
+    if isinstance(data, StreamPart):
+        data.write(fh)
+        return
+    for blob in data if isinstance(data, list | tuple) else [data]:
+        fh.write(blob)

@@ -35,6 +35,7 @@ import contextlib
 import errno
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -45,7 +46,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from eeipu_ray.cache.codecs import PartData, iter_blobs
+import xxhash
+
+from eeipu_ray.cache.codecs import PartData, iter_blobs, write_part
+from eeipu_ray.cache.manifest import FileRecord, checksum
 from eeipu_ray.errors import CacheConfigError, CacheError, CacheStorageError
 from eeipu_ray.pipeline.keys import check_key
 
@@ -195,13 +199,12 @@ class FsStore:
         """
         path = self._data_path(key, data_dir, part)
         if self.is_local:
-            import pyarrow as pa
-
-            size = os.path.getsize(path)
-            if size == 0:
-                return b""
-            with pa.memory_map(path, "r") as mm:
-                return mm.read_buffer()
+            with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:
+                    return b""
+                # Private (copy-on-write) mapping: zero-copy, yet writable, so a
+                # stage may modify a loaded input in place without touching the file.
+                return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         return self.fs.cat_file(path)
 
     def exists(self, key: str) -> bool:
@@ -213,12 +216,21 @@ class FsStore:
 
     # ---------------------------------------------------------------- writes
     def publish(
-        self, key: str, parts: Mapping[str, PartData], manifest_for: Callable[[str], bytes]
-    ) -> tuple[bool, str]:
-        """Write ``parts`` and then the manifest. ``manifest_for(data_dir)`` returns
-        the manifest bytes. Returns ``(published, data_dir)``; ``published`` is
-        False when another writer's entry for the same key won (its entry stays,
-        this writer's data is removed).
+        self,
+        key: str,
+        parts: Mapping[str, PartData],
+        manifest_for: Callable[[str, tuple[FileRecord, ...]], bytes],
+    ) -> tuple[bool, str, tuple[FileRecord, ...]]:
+        """Write ``parts`` and then the manifest.
+
+        Sizes and checksums are computed while the data is written (local files
+        are written straight from the codec's stream through a hashing wrapper).
+        ``manifest_for(data_dir, files)`` returns the manifest bytes.
+
+        Returns:
+            ``(published, data_dir, files)``; ``published`` is False when another
+            writer's entry for the same key won (its entry stays, this writer's
+            data is removed).
 
         Raises:
             CacheStorageError: the backend refused the write; nothing of this
@@ -242,10 +254,10 @@ class FsStore:
         key: str,
         data_dir: str,
         parts: Mapping[str, PartData],
-        manifest_for: Callable[[str], bytes],
-    ) -> tuple[bool, str]:
+        manifest_for: Callable[[str, tuple[FileRecord, ...]], bytes],
+    ) -> tuple[bool, str, tuple[FileRecord, ...]]:
         if self.exists(key):  # cheap early exit; os.link below decides races
-            return False, data_dir
+            return False, data_dir, ()
         entry = self._entry(key)
         final = os.path.join(entry, MANIFEST)
         data_path = os.path.join(entry, data_dir)
@@ -253,14 +265,16 @@ class FsStore:
         won = False
         try:
             _makedirs_fresh(data_path)
+            files = []
             for name, data in parts.items():
                 path = os.path.join(data_path, name)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "wb") as fh:
-                    for blob in iter_blobs(data):
-                        fh.write(blob)
+                    sink = _HashingWriter(fh)
+                    write_part(data, sink)
+                files.append(FileRecord(name, sink.size, sink.hexdigest()))
             with open(tmp_manifest, "wb") as fh:
-                fh.write(manifest_for(data_dir))
+                fh.write(manifest_for(data_dir, tuple(files)))
             try:
                 os.link(tmp_manifest, final)  # atomic; fails if another writer won
                 won = True
@@ -282,25 +296,30 @@ class FsStore:
         if won:
             with contextlib.suppress(OSError):  # LRU bookkeeping only
                 open(os.path.join(entry, USED), "wb").close()
-        return won, data_dir
+        return won, data_dir, tuple(files)
 
     def _publish_remote(
         self,
         key: str,
         data_dir: str,
         parts: Mapping[str, PartData],
-        manifest_for: Callable[[str], bytes],
-    ) -> tuple[bool, str]:
+        manifest_for: Callable[[str, tuple[FileRecord, ...]], bytes],
+    ) -> tuple[bool, str, tuple[FileRecord, ...]]:
         entry = self._entry(key)
         manifest_path = f"{entry}/{MANIFEST}"
         if self.exists(key):
-            return False, data_dir
+            return False, data_dir, ()
         data_prefix = f"{entry}/{data_dir}"
         won = False
+        files = []
         try:
             for name, data in parts.items():
-                self._write_remote(f"{data_prefix}/{name}", data)
-            won = self._put_manifest(manifest_path, manifest_for(data_dir), data_dir)
+                blobs = iter_blobs(data)
+                files.append(
+                    FileRecord(name, sum(memoryview(b).nbytes for b in blobs), checksum(blobs))
+                )
+                self._write_remote(f"{data_prefix}/{name}", blobs)
+            won = self._put_manifest(manifest_path, manifest_for(data_dir, tuple(files)), data_dir)
         finally:
             if not won:
                 with contextlib.suppress(OSError):  # never hide the original error
@@ -308,7 +327,7 @@ class FsStore:
         if won:
             with contextlib.suppress(OSError):
                 self.fs.pipe_file(f"{entry}/{USED}", b"")
-        return won, data_dir
+        return won, data_dir, tuple(files)
 
     def _put_manifest(self, path: str, body: bytes, data_dir: str) -> bool:
         """Put the manifest; True if this writer's manifest is the entry's."""
@@ -342,8 +361,7 @@ class FsStore:
             return None
         return doc.get("data_dir") if isinstance(doc, dict) else None
 
-    def _write_remote(self, path: str, data: PartData) -> None:
-        blobs = iter_blobs(data)
+    def _write_remote(self, path: str, blobs: list[Any]) -> None:
         if len(blobs) == 1:
             blob = blobs[0]
             self.fs.pipe_file(path, blob if isinstance(blob, bytes) else bytes(memoryview(blob)))
@@ -419,7 +437,7 @@ class FsStore:
         except FileNotFoundError:
             return set()
         keys = {n.rstrip("/").rsplit("/", 1)[-1] for n in names}
-        return {k for k in keys if _KEY_RE.match(k)}
+        return {k for k in keys if _KEY_RE.fullmatch(k)}
 
     # --------------------------------------------------------------- listing
     def entries(self) -> list[StoredEntry]:
@@ -439,7 +457,7 @@ class FsStore:
             if not path.startswith(prefix):
                 continue
             key, _, rest = path[len(prefix) :].partition("/")
-            if not _KEY_RE.match(key) or not rest:
+            if not _KEY_RE.fullmatch(key) or not rest:
                 continue
             sizes[key] = sizes.get(key, 0) + int(info.get("size") or 0)
             if rest == USED:
@@ -466,7 +484,7 @@ class FsStore:
         except FileNotFoundError:
             return
         for key in (p.rstrip("/").rsplit("/", 1)[-1] for p in listed):
-            if not _KEY_RE.match(key):
+            if not _KEY_RE.fullmatch(key):
                 continue
             entry = f"{base}/{key}"
             raw = self.read_manifest(key)
@@ -503,7 +521,7 @@ class FsStore:
             base = os.path.join(self.root, "entries")
             with contextlib.suppress(FileNotFoundError):
                 for key in os.listdir(base):
-                    if _KEY_RE.match(key):
+                    if _KEY_RE.fullmatch(key):
                         with contextlib.suppress(OSError):  # not empty: in use
                             os.rmdir(os.path.join(base, key))
         return removed
@@ -573,6 +591,38 @@ def _scrub(exc: BaseException, options: Mapping[str, Any]) -> str:
         ):
             text = text.replace(value, "***")
     return text
+
+
+class _HashingWriter:
+    """File wrapper that checksums (xxh3-128) and counts what passes through."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self._hash = xxhash.xxh3_128()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self._fh.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def close(self) -> None:  # the owner closes the real file
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def _mtime(info: Mapping[str, Any]) -> float:

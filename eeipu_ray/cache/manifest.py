@@ -143,7 +143,7 @@ class Manifest:
             raise CacheIntegrityError(
                 "manifest's pipeline/stages/hyperparameters do not produce its key"
             )
-        if not _DATA_DIR_RE.match(manifest.data_dir):
+        if not _DATA_DIR_RE.fullmatch(manifest.data_dir):
             raise CacheIntegrityError(f"manifest data_dir {manifest.data_dir!r} is not valid")
         names = [f.name for f in manifest.files]
         if len(set(names)) != len(names):
@@ -199,7 +199,7 @@ def _file_from_doc(doc: Any) -> FileRecord:
     size = _typed(record.size, int, "files[].size")
     if size < 0:
         raise CacheIntegrityError(f"manifest part {record.name!r} has negative size {size}")
-    if not _HEX_DIGEST_RE.match(_typed(record.xxh3_128, str, "files[].xxh3_128")):
+    if not _HEX_DIGEST_RE.fullmatch(_typed(record.xxh3_128, str, "files[].xxh3_128")):
         raise CacheIntegrityError(f"manifest part {record.name!r} has a malformed checksum")
     return record
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eeipu_ray.cache.codecs import Codec, CodecRegistry, Encoded, part_size
+from eeipu_ray.cache.codecs import Codec, CodecRegistry, Encoded
 from eeipu_ray.cache.fs_store import FsStore, StoredEntry, redact_url
 from eeipu_ray.cache.manifest import (
     EntryMeta,
@@ -220,7 +220,7 @@ class PrefixCache:
             return None
         self._touch(key)
         if self.l1 is not None:  # promote; the durable copy stays authoritative
-            self.l1.put(key, manifest, parts)
+            self.l1.put(key, manifest, _as_arrays(parts))
         return CacheHit(value, manifest, time.perf_counter() - start, "durable")
 
     def _l1_get(self, key: str) -> tuple[Manifest, dict[str, Any]] | None:
@@ -434,13 +434,9 @@ class PrefixCache:
         start = time.perf_counter()
         _check_meta(key, meta)
         encoded = self.codecs.encode(value, stage=meta.stage_names[-1])
-        files = tuple(
-            FileRecord(name, part_size(data), checksum(data))
-            for name, data in encoded.parts.items()
-        )
         producer = producer_info(meta.trial_id)
 
-        def manifest_for(data_dir: str) -> Manifest:
+        def manifest_for(data_dir: str, files: tuple[FileRecord, ...]) -> Manifest:
             return Manifest(
                 key=key,
                 meta=meta,
@@ -455,7 +451,7 @@ class PrefixCache:
         # The manifest must read back as exactly this entry (hyperparameters that
         # JSON cannot hold would make it unloadable): check before writing.
         try:
-            Manifest.from_json(manifest_for("d-check").to_json(), key)
+            Manifest.from_json(manifest_for("d-check", ()).to_json(), key)
         except CacheIntegrityError as exc:
             raise CacheIntegrityError(
                 f"stage {meta.stage_names[-1]!r}: the entry's metadata does not survive JSON "
@@ -463,13 +459,22 @@ class PrefixCache:
                 "str-keyed dicts of those"
             ) from exc
 
-        published = False
-        if self._durable is not None:
-            published, _ = self._durable.publish(
-                key, encoded.parts, lambda d: manifest_for(d).to_json()
-            )
+        parts = encoded.parts
+        flat: dict[str, Any] | None = None
         if self.l1 is not None:
-            l1_published = self.l1.put(key, manifest_for("d-object-store"), _flatten(encoded))
+            # The object store needs buffers: materialize streamed parts once.
+            flat = _flatten(encoded)
+            parts = flat
+        published = False
+        files: tuple[FileRecord, ...] = ()
+        if self._durable is not None:
+            published, _, files = self._durable.publish(
+                key, parts, lambda d, fs: manifest_for(d, fs).to_json()
+            )
+        if flat is not None:
+            if not files:
+                files = tuple(FileRecord(n, int(b.nbytes), checksum(b)) for n, b in flat.items())
+            l1_published = self.l1.put(key, manifest_for("d-object-store", files), flat)
             published = published if self._durable is not None else l1_published
         total = sum(f.size for f in files)
         if self.byte_budget is not None and self._durable is not None:
@@ -628,6 +633,13 @@ class _Miss:
 
 
 _MISS = _Miss()
+
+
+def _as_arrays(parts: Mapping[str, Any]) -> dict[str, Any]:
+    """Read buffers (memory maps, bytes) as NumPy byte arrays Ray can serialize."""
+    import numpy as np
+
+    return {n: np.frombuffer(memoryview(b).cast("B"), dtype=np.uint8) for n, b in parts.items()}
 
 
 def _flatten(encoded: Encoded) -> dict[str, Any]:

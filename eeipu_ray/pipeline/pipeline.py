@@ -57,7 +57,7 @@ class Pipeline:
         stages: Sequence[Stage],
         space: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        if not isinstance(name, str) or not _PIPELINE_NAME_RE.match(name):
+        if not isinstance(name, str) or not _PIPELINE_NAME_RE.fullmatch(name):
             raise PipelineDefinitionError(
                 f"pipeline name {name!r} is invalid: use letters, digits, '_', '.', '-'"
             )

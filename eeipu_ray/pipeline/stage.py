@@ -99,7 +99,7 @@ class Stage:
     load_cost: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
             raise PipelineDefinitionError(
                 f"stage name {self.name!r} is invalid: use letters, digits, '_', '.', '-', "
                 "starting with a letter or '_'"
@@ -116,7 +116,7 @@ class Stage:
                 f"domain, got {type(self.space).__name__}"
             )
         for key in self.space:
-            if not isinstance(key, str) or not _NAME_RE.match(key):
+            if not isinstance(key, str) or not _NAME_RE.fullmatch(key):
                 raise PipelineDefinitionError(
                     f"stage {self.name!r}: hyperparameter name {key!r} is invalid: use "
                     "letters, digits, '_', '.', '-'"
