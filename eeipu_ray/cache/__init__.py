@@ -1,6 +1,6 @@
 """The prefix cache: memoized stage outputs, on a local directory, S3, or the Ray object store."""
 
-from eeipu_ray.cache.codecs import Codec, CodecRegistry, Encoded
+from eeipu_ray.cache.codecs import Codec, CodecRegistry, Encoded, StreamPart
 from eeipu_ray.cache.fs_store import StoredEntry
 from eeipu_ray.cache.manifest import EntryMeta, Manifest
 from eeipu_ray.cache.prefix_cache import CacheHit, PrefixCache, StoreResult, default_cache_dir
@@ -15,5 +15,6 @@ __all__ = [
     "PrefixCache",
     "StoreResult",
     "StoredEntry",
+    "StreamPart",
     "default_cache_dir",
 ]

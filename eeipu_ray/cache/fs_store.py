@@ -517,6 +517,8 @@ class FsStore:
         removed = list(self.iter_orphans(older_than))
         for path in removed:
             self.remove_path(path)
+        if self.protocol in ("s3", "s3a"):
+            removed += self._abort_stale_uploads(older_than)
         if self.is_local:
             base = os.path.join(self.root, "entries")
             with contextlib.suppress(FileNotFoundError):
@@ -525,6 +527,29 @@ class FsStore:
                         with contextlib.suppress(OSError):  # not empty: in use
                             os.rmdir(os.path.join(base, key))
         return removed
+
+    def _abort_stale_uploads(self, older_than: float) -> list[str]:
+        """Abort multipart uploads under this cache's root that a killed writer
+        left unfinished (S3 keeps, and bills, their parts until aborted)."""
+        bucket, _, prefix = self.root.partition("/")
+        cutoff = time.time() - older_than
+        aborted = []
+        try:
+            uploads = self.fs.list_multipart_uploads(bucket)
+        except (OSError, ValueError) as exc:
+            logger.info("prefix cache: cannot list multipart uploads of %s: %s", bucket, exc)
+            return []
+        entries_prefix = f"{prefix}/entries/" if prefix else "entries/"
+        for upload in uploads:
+            key = upload.get("Key", "")
+            if not key.startswith(entries_prefix) or _mtime(
+                {"created": upload.get("Initiated")}) > cutoff:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key,
+                                UploadId=upload["UploadId"])
+                aborted.append(f"{bucket}/{key} (upload {upload['UploadId'][:12]})")
+        return aborted
 
     def remove_path(self, path: str) -> None:
         if self.is_local and not os.path.isdir(path):

@@ -190,7 +190,13 @@ def run_pipeline(
     # 1-2. Longest cached proper prefix (the last stage is never stored).
     if cache is not None:
         for k in range(n - 1, 0, -1):
-            hit = cache.load(keys[k - 1], workdir=restore_dir)
+            try:
+                hit = cache.load(keys[k - 1], workdir=restore_dir)
+            except (CacheError, OSError) as exc:
+                # An unreachable or failing cache costs this trial its memo, not its result.
+                logger.warning("stage %r: cache lookup failed (%s); treating it as a miss",
+                               pipeline.stages[k - 1].name, exc)
+                hit = None
             if hit is None:
                 continue
             memoized, value = k, hit.value
