@@ -690,24 +690,6 @@ def test_root_under_a_file_fails_with_a_clear_error(tmp_path: Path) -> None:
         cache.store(key, value_for(), meta)
 
 
-@pytest.mark.skipif(
-    os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions and a non-root user"
-)
-def test_read_only_local_directory_fails_store(tmp_path: Path) -> None:
-    root = tmp_path / "cache"
-    cache = PrefixCache(root)
-    key, meta = entry_for(0)
-    assert not cache.contains(key)
-    (root / "entries").mkdir()
-    os.chmod(root / "entries", 0o555)
-    try:
-        with pytest.raises(CacheStorageError, match="could not write entry"):
-            cache.store(key, value_for(), meta)
-        assert not cache.contains(key)
-    finally:
-        os.chmod(root / "entries", 0o755)
-
-
 # ----------------------------------------------------- 10. invalid options
 @pytest.mark.parametrize(
     ("kwargs", "named"),
