@@ -1,0 +1,545 @@
+"""The BO engine: suggest configs, learn from results, account for the budget.
+
+Ray-free: it works on plain trial ids and config dicts; the Ray Tune searcher
+(:mod:`eeipu_ray.tune`) is a thin adapter around it.
+
+One step of :meth:`BOEngine.suggest`:
+
+1. Budget spent? Return ``None``.
+2. Warm-up (the first ``n_warmup`` suggestions, or fewer than 2 completed
+   trials): the next point of a scrambled Sobol sequence.
+3. Otherwise fit the objective GP (and the cost GPs the acquisition needs),
+   warm-started, only when new results arrived since the last fit.
+4. Condition the objective GP on the pending trials (kriging believer), build
+   the acquisition (EEIPU / EI / EIPS / CArBO) with the cost-cooling ``eta``.
+5. Maximize it over the prefix pool (:mod:`eeipu_ray.search.optimize`); the
+   winner's prefix stages are copied verbatim from the source trial's config,
+   so its prefix keys match the cached entry's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from botorch.models.model import ModelList
+from torch import Tensor
+
+from eeipu_ray.search.acquisition import (
+    CachedPrefixes,
+    CostAwareLogEI,
+    LogCArBO,
+    LogEEIPU,
+    LogEIPS,
+    RandomProposer,
+    cost_cooling,
+)
+from eeipu_ray.search.errors import EngineOptionsError, EngineStateError, TrialStateError
+from eeipu_ray.search.models import (
+    FitOptions,
+    GPFitter,
+    MarginalGP,
+    SurrogateModels,
+    fit_surrogates,
+)
+from eeipu_ray.search.optimize import (
+    OptimizeOptions,
+    Prefix,
+    build_prefix_pool,
+    optimize_over_pool,
+)
+from eeipu_ray.search.records import TrialRecord, TrialStatus, TrialStore
+from eeipu_ray.search.space import SearchSpace
+
+logger = logging.getLogger(__name__)
+
+ACQUISITIONS = ("eeipu", "ei", "eips", "carbo", "random")
+STATE_FORMAT = 1
+_MIN_OBSERVATIONS = 2  # completed trials before the GP is trusted
+
+AvailablePrefixes = Callable[[str], bool] | Collection[str] | None
+PrefixKeysOf = Callable[[Any], list[str]] | None
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Options of :class:`BOEngine`, validated once.
+
+    Attributes:
+        acquisition: ``"eeipu"``, ``"ei"``, ``"eips"``, ``"carbo"`` or ``"random"``.
+        budget: Total cost units (seconds, joules, ...) the search may spend;
+            ``None`` for unlimited (then ``eta`` stays 1: no cost cooling).
+        metric: Name of the objective in the results.
+        mode: ``"max"`` or ``"min"``.
+        n_warmup: Sobol points before BO starts.
+        top_q: Observations whose prefixes enter the pool.
+        num_restarts: L-BFGS-B restarts per prefix.
+        raw_samples: Raw samples per prefix.
+        maxiter: L-BFGS-B iterations per restart.
+        mc_samples: QMC samples of the cost posterior.
+        seed: Seeds the warm-up design, random search and the optimizer.
+        cost_model_upstream: Stage ``k``'s cost GP sees stages ``1..k`` (else ``k``).
+        load_cost_prior: Prior cost of loading one cached stage, in cost units.
+        fit_maxiter_cold: GP fit iterations from the prior.
+        fit_maxiter_warm: GP fit iterations warm-started from the last fit.
+        refit_growth: Re-optimize GP hyperparameters once the data grew by this
+            fraction (see :class:`~eeipu_ray.search.models.FitOptions`); 0: always.
+        num_threads: torch intra-op threads while suggesting (restored after);
+            ``None`` leaves torch's setting alone. The GPs are small (hundreds of
+            points), so one thread is fastest, and the searcher does not fight
+            the trials on the head node for cores.
+    """
+
+    acquisition: str = "eeipu"
+    budget: float | None = None
+    metric: str = "score"
+    mode: str = "max"
+    n_warmup: int = 10
+    top_q: int = 5
+    num_restarts: int = 10
+    raw_samples: int = 512
+    maxiter: int = 50
+    mc_samples: int = 256
+    seed: int = 0
+    cost_model_upstream: bool = True
+    load_cost_prior: float = 0.1
+    fit_maxiter_cold: int = 200
+    fit_maxiter_warm: int = 40
+    refit_growth: float = 0.1
+    num_threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if self.acquisition not in ACQUISITIONS:
+            raise EngineOptionsError(
+                f"acquisition={self.acquisition!r} is not one of {ACQUISITIONS}"
+            )
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, int | float):
+                raise EngineOptionsError(f"budget={self.budget!r} must be a number or None")
+            if not (math.isfinite(self.budget) and self.budget > 0):
+                raise EngineOptionsError(f"budget={self.budget!r} must be finite and > 0")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise EngineOptionsError(f"metric={self.metric!r} must be a non-empty string")
+        if self.mode not in ("max", "min"):
+            raise EngineOptionsError(f"mode={self.mode!r} must be 'max' or 'min'")
+        _check_int(self, "n_warmup", 1)
+        _check_int(self, "top_q", 0)
+        for name in ("num_restarts", "raw_samples", "maxiter", "mc_samples"):
+            _check_int(self, name, 1)
+        for name in ("fit_maxiter_cold", "fit_maxiter_warm"):
+            _check_int(self, name, 1)
+        _check_int(self, "seed", 0)
+        if self.num_threads is not None:
+            _check_int(self, "num_threads", 1)
+        if (
+            isinstance(self.refit_growth, bool)
+            or not isinstance(self.refit_growth, int | float)
+            or not 0 <= self.refit_growth < math.inf
+        ):
+            raise EngineOptionsError(f"refit_growth={self.refit_growth!r} must be a number >= 0")
+        if not isinstance(self.cost_model_upstream, bool):
+            raise EngineOptionsError(
+                f"cost_model_upstream={self.cost_model_upstream!r} must be a bool"
+            )
+        if not (isinstance(self.load_cost_prior, int | float) and self.load_cost_prior > 0):
+            raise EngineOptionsError(f"load_cost_prior={self.load_cost_prior!r} must be > 0")
+
+
+@dataclass
+class _ModelCache:
+    version: int = -1  # TrialStore.version the models were fitted at
+    models: SurrogateModels | None = None
+    fitter: GPFitter | None = None
+
+
+class BOEngine:
+    """Memoization- and cost-aware Bayesian optimization on a :class:`SearchSpace`.
+
+    Args:
+        space: The encoded search space.
+        options: The engine's options.
+
+    Example:
+        >>> from ray import tune
+        >>> space = SearchSpace.from_tune({"a": {"x": tune.uniform(0, 1)},
+        ...                                "b": {"y": tune.uniform(0, 1)}})
+        >>> engine = BOEngine(space, EngineOptions(acquisition="ei", budget=10.0, n_warmup=2))
+        >>> config = engine.suggest("t0")
+        >>> engine.on_result("t0", {"score": 1.0, "stage_costs/a": 1.0, "stage_costs/b": 2.0})
+        >>> engine.budget_spent
+        3.0
+    """
+
+    def __init__(self, space: SearchSpace, options: EngineOptions | None = None) -> None:
+        self.space = space
+        self.options = options or EngineOptions()
+        self.store = TrialStore(
+            space.stage_names, metric=self.options.metric, mode=self.options.mode
+        )
+        self._n_suggested = 0
+        self._n_warmup_drawn = 0
+        self._spent_after_warmup: float | None = None
+        self._bo_steps = 0
+        self._random = RandomProposer(space.dim, seed=self.options.seed)
+        self._cache = _ModelCache(fitter=self._new_fitter())
+        self._prefix_dims = [space.dims_of_prefix(k) for k in range(space.n_stages + 1)]
+        self._stage_dims = [space.dims_of_stage(k) for k in range(space.n_stages)]
+
+    # ------------------------------------------------------------- budget
+    @property
+    def budget_spent(self) -> float:
+        """Cost charged by finished trials (failures included)."""
+        return self.store.budget_spent
+
+    @property
+    def budget_left(self) -> float:
+        """``budget - budget_spent`` (``inf`` when the budget is unlimited)."""
+        if self.options.budget is None:
+            return math.inf
+        return self.options.budget - self.budget_spent
+
+    @property
+    def eta(self) -> float:
+        """The cost exponent the next BO step uses (1 during warm-up; EIPS: 1; EI: 0)."""
+        acq = self.options.acquisition
+        if acq in ("ei", "random"):
+            return 0.0
+        if acq == "eips":
+            return 1.0
+        return cost_cooling(self.options.budget, self.budget_spent, self._spent_after_warmup)
+
+    @property
+    def records(self) -> list[TrialRecord]:
+        """All trial records, in suggestion order."""
+        return list(self.store)
+
+    # -------------------------------------------------------------- suggest
+    def suggest(
+        self,
+        trial_id: str,
+        available_prefixes: AvailablePrefixes = None,
+        prefix_keys_of: PrefixKeysOf = None,
+    ) -> dict[str, Any] | None:
+        """Propose the next config for ``trial_id``.
+
+        Args:
+            trial_id: A new, unique trial id.
+            available_prefixes: Which prefix keys can be loaded now (cached, or
+                being produced by a running trial): a predicate, a set of keys, or
+                ``None`` to assume every prefix of a known trial stays available
+                (an unbounded cache). Prefixes of pending trials always count as
+                available ("about to be cached").
+            prefix_keys_of: ``prefix_keys_of(config)`` gives the prefix keys of
+                stages ``1..k``, ``k = 1..K`` (e.g. ``pipeline.prefix_keys``); used
+                to know a pending trial's keys and for :meth:`pins`.
+
+        Returns:
+            The config (same shape as the space), or ``None`` when the budget is
+            spent.
+
+        Raises:
+            TrialStateError: ``trial_id`` was suggested before.
+        """
+        if trial_id in self.store:
+            raise TrialStateError(
+                f"trial id {trial_id!r} was already suggested; trial ids must be unique"
+            )
+        if self.budget_left <= 0:
+            return None
+        opts = self.options
+        planned_depth = 0
+        if opts.acquisition == "random":
+            x, phase = self._random.propose(self._n_suggested), "random"
+            config = self.space.from_unit(x)
+        elif (
+            self._n_suggested < opts.n_warmup
+            or len(self.store.completed) < _MIN_OBSERVATIONS
+            or self.space.dim == 0
+        ):
+            x, phase = self._next_warmup_point(), "warmup"
+            config = self.space.from_unit(x)
+        else:
+            if self._spent_after_warmup is None:
+                self._spent_after_warmup = self.budget_spent
+            with _torch_threads(opts.num_threads):
+                config, planned_depth = self._bo_step(_as_predicate(available_prefixes))
+            phase = "bo"
+            self._bo_steps += 1
+        x = self.space.to_unit(config)
+        keys = list(prefix_keys_of(config)) if prefix_keys_of is not None else None
+        self.store.add_pending(
+            trial_id, config, x, phase=phase, prefix_keys=keys, planned_prefix_depth=planned_depth
+        )
+        self._n_suggested += 1
+        return _copy_config(config)
+
+    def on_result(
+        self, trial_id: str, result: Mapping[str, Any] | None, error: bool | str = False
+    ) -> None:
+        """Record a trial's final result (idempotent: a repeat is ignored).
+
+        A missing / NaN / infinite metric or ``error`` makes the trial a failure;
+        what it spent is charged to the budget all the same.
+
+        Raises:
+            TrialStateError: the trial id is unknown.
+        """
+        self.store.complete(trial_id, result, error=error)
+
+    def add_evaluated(
+        self,
+        trial_id: str,
+        config: Mapping[str, Any],
+        result: Mapping[str, Any] | None,
+        error: bool | str = False,
+    ) -> None:
+        """Record a trial the engine did not suggest (e.g. a user's starting point)."""
+        x = self.space.to_unit(config)
+        self.store.add_pending(trial_id, _copy_config(config), x, phase="observed")
+        self.store.complete(trial_id, result, error=error)
+
+    def pins(self) -> set[str]:
+        """Prefix keys the engine means to reuse: proper prefixes of the top-Q trials."""
+        keys: set[str] = set()
+        for record in self.store.top(self.options.top_q):
+            for key in record.prefix_keys[: self.space.n_stages - 1]:
+                if isinstance(key, str):
+                    keys.add(key)
+        return keys
+
+    # ----------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state (JSON-able when configs are), versioned.
+
+        GP hyperparameters are not saved: after a restore the first fit starts
+        from the priors.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "space": self.space.signature(),
+            "options": asdict(self.options),
+            "n_suggested": self._n_suggested,
+            "n_warmup_drawn": self._n_warmup_drawn,
+            "spent_after_warmup": self._spent_after_warmup,
+            "bo_steps": self._bo_steps,
+            "records": [r.to_dict() for r in self.store],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (into an engine on the same space).
+
+        Raises:
+            EngineStateError: another format version or another search space.
+        """
+        fmt = state.get("format")
+        if fmt != STATE_FORMAT:
+            raise EngineStateError(
+                f"checkpoint format {fmt!r} is not supported (this version reads {STATE_FORMAT})"
+            )
+        if list(state.get("space", [])) != self.space.signature():
+            raise EngineStateError(
+                "checkpoint was written for another search space; restore it into an engine "
+                "built on the same space"
+            )
+        store = TrialStore(
+            self.space.stage_names, metric=self.options.metric, mode=self.options.mode
+        )
+        for data in state["records"]:
+            store.add_record(TrialRecord.from_dict(data))
+        self.store = store
+        self._n_suggested = int(state["n_suggested"])
+        self._n_warmup_drawn = int(state["n_warmup_drawn"])
+        sa = state.get("spent_after_warmup")
+        self._spent_after_warmup = None if sa is None else float(sa)
+        self._bo_steps = int(state.get("bo_steps", 0))
+        self._cache = _ModelCache(fitter=self._new_fitter())
+
+    # ------------------------------------------------------------ internals
+    def _new_fitter(self) -> GPFitter:
+        categories = [d.n if d.kind == "categorical" else 0 for d in self.space.dims]
+        return GPFitter(
+            categories,
+            FitOptions(
+                maxiter_cold=self.options.fit_maxiter_cold,
+                maxiter_warm=self.options.fit_maxiter_warm,
+                refit_growth=float(self.options.refit_growth),
+            ),
+        )
+
+    def _next_warmup_point(self) -> Tensor:
+        # Scrambled Sobol: diverse by construction and reproducible from
+        # (seed, index), so a restored engine continues the same design.
+        x = self.space.sobol(1, seed=self.options.seed, skip=self._n_warmup_drawn)[0]
+        self._n_warmup_drawn += 1
+        return x
+
+    def _models(self) -> SurrogateModels:
+        acq = self.options.acquisition
+        if self._cache.models is None or self._cache.version != self.store.version:
+            assert self._cache.fitter is not None
+            self._cache.models = fit_surrogates(
+                self._cache.fitter,
+                list(self.store),
+                self._stage_dims,
+                need_stage_costs=acq == "eeipu",
+                need_total_cost=acq in ("eips", "carbo"),
+                upstream=self.options.cost_model_upstream,
+                load_prior=self.options.load_cost_prior,
+            )
+            self._cache.version = self.store.version
+        return self._cache.models
+
+    def _bo_step(self, available: Callable[[str], bool] | None) -> tuple[dict[str, Any], int]:
+        opts = self.options
+        models = self._models()
+        pending = self.store.pending
+        X_pending = torch.stack([r.x for r in pending]) if pending else None
+        objective = MarginalGP(models.objective, X_pending)  # kriging believer
+        best_f = max(float(r.objective) for r in self.store.completed)  # type: ignore[arg-type]
+        eta = self.eta
+        seed = opts.seed + 7919 * self._bo_steps
+
+        cached = self._cached_prefixes(available) if opts.acquisition == "eeipu" else None
+        acqf: CostAwareLogEI
+        if opts.acquisition == "eeipu":
+            assert models.stage_costs is not None
+            stage_costs = ModelList(*(MarginalGP(m) for m in models.stage_costs.models))
+            acqf = LogEEIPU(
+                objective,
+                best_f,
+                stage_costs,
+                models.load_costs,
+                cached,
+                eta=eta,
+                mc_samples=opts.mc_samples,
+            )
+        elif opts.acquisition in ("eips", "carbo"):
+            assert models.total_cost is not None
+            total = MarginalGP(models.total_cost)
+            if opts.acquisition == "eips":
+                acqf = LogEIPS(objective, best_f, total, mc_samples=opts.mc_samples)
+            else:
+                acqf = LogCArBO(objective, best_f, total, eta=eta, mc_samples=opts.mc_samples)
+        else:
+            acqf = CostAwareLogEI(objective, best_f, cost=None, eta=0.0)
+
+        if opts.acquisition == "eeipu":
+            top = [(r.trial_id, r.x, r.prefix_keys) for r in self.store.top(opts.top_q)]
+            pool = build_prefix_pool(
+                top, self.space.n_stages, self._prefix_dims, self._availability(available)
+            )
+        else:
+            pool = [Prefix(depth=0)]
+        candidate = optimize_over_pool(
+            acqf,
+            pool,
+            self._prefix_dims,
+            self.space.dim,
+            OptimizeOptions(
+                num_restarts=opts.num_restarts, raw_samples=opts.raw_samples, maxiter=opts.maxiter
+            ),
+            seed=seed,
+        )
+        config = self.space.from_unit(candidate.x)
+        prefix = candidate.prefix
+        if prefix.depth > 0 and prefix.source_trial is not None:
+            # Copy the prefix's stages verbatim: a float re-decoded from the cube may
+            # differ in the last bit, and then its prefix key would not match.
+            source = self.store[prefix.source_trial].config
+            for name in self.space.stage_names[: prefix.depth]:  # nested: K > 1
+                config[name] = dict(source[name])
+        depth = prefix.depth
+        if cached:
+            depth = max(depth, int(cached.depth(candidate.x.reshape(1, 1, -1)).item()))
+        logger.debug(
+            "BO step %d: prefix depth %d (trial %s), acq %.4g, eta %.3f",
+            self._bo_steps,
+            depth,
+            prefix.source_trial,
+            candidate.value,
+            eta,
+        )
+        return config, depth
+
+    def _availability(
+        self, available: Callable[[str], bool] | None
+    ) -> Callable[[str, int, str | None], bool]:
+        def is_available(trial_id: str, depth: int, key: str | None) -> bool:
+            record = self.store[trial_id]
+            return _prefix_available(record, depth, key, available)
+
+        return is_available
+
+    def _cached_prefixes(self, available: Callable[[str], bool] | None) -> CachedPrefixes:
+        points: dict[int, list[Tensor]] = {}
+        for record in self.store:
+            for depth in range(1, self.space.n_stages):
+                key = record.prefix_keys[depth - 1] if len(record.prefix_keys) >= depth else None
+                if _prefix_available(record, depth, key, available):
+                    points.setdefault(depth, []).append(record.x[self._prefix_dims[depth]])
+        stacked = {k: torch.stack(v) for k, v in points.items()}
+        return CachedPrefixes(stacked, self._prefix_dims, snap=self.space.snap)
+
+
+# --------------------------------------------------------------------------
+# Private helpers
+# --------------------------------------------------------------------------
+
+
+def _check_int(options: EngineOptions, name: str, minimum: int) -> None:
+    value = getattr(options, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EngineOptionsError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _copy_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    # Copies the dicts, not the values: a choice comes back as the very object of
+    # the space (a class, a function), and the record is safe from the caller.
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+
+
+def _as_predicate(available: AvailablePrefixes) -> Callable[[str], bool] | None:
+    if available is None or callable(available):
+        return available  # type: ignore[return-value]
+    keys = available
+    return lambda key: key in keys
+
+
+def _prefix_available(
+    record: TrialRecord, depth: int, key: str | None, available: Callable[[str], bool] | None
+) -> bool:
+    """Whether the prefix of ``depth`` stages of ``record`` can be loaded.
+
+    Pending trials are producing their prefixes ("about to be cached"). A finished
+    trial's prefix counts when the caller says its key is available; with no
+    predicate, when the trial ran at least that far (completed, or failed with
+    that stage's cost reported).
+    """
+    if record.status is TrialStatus.PENDING:
+        return True
+    if available is None:
+        if record.status is TrialStatus.COMPLETED:
+            return True
+        costs = record.stage_compute_costs
+        return len(costs) >= depth and all(c is not None for c in costs[:depth])
+    if key is None:
+        return False
+    return bool(available(key))

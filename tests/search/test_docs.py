@@ -1,0 +1,25 @@
+"""The ``Example:`` blocks of the search modules run as written."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "eeipu_ray.search.space",
+    "eeipu_ray.search.records",
+    "eeipu_ray.search.models",
+    "eeipu_ray.search.acquisition",
+    "eeipu_ray.search.optimize",
+    "eeipu_ray.search.engine",
+    "eeipu_ray.search.synthetic",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

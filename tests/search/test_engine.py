@@ -1,0 +1,331 @@
+"""The BO engine: options, lifecycle, failures, checkpoints, pending points, pins."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from ray import tune
+
+from eeipu_ray.search import (
+    BOEngine,
+    EngineOptions,
+    EngineOptionsError,
+    EngineStateError,
+    SearchSpace,
+    TrialStateError,
+    TrialStatus,
+)
+
+STAGES = ["prep", "train", "eval"]
+FAST = dict(
+    num_restarts=2,
+    raw_samples=32,
+    mc_samples=32,
+    maxiter=20,
+    fit_maxiter_cold=60,
+    fit_maxiter_warm=20,
+)
+
+
+def _space() -> SearchSpace:
+    return SearchSpace.from_tune(
+        {
+            "prep": {"n": tune.randint(1, 10), "a": tune.uniform(0, 1), "tag": "v1"},
+            "train": {"lr": tune.loguniform(1e-3, 1.0), "opt": tune.choice(["sgd", "adam"])},
+            "eval": {"w": tune.uniform(0, 1)},
+        }
+    )
+
+
+def _keys(config) -> list[str]:
+    parts, keys = [], []
+    for s in STAGES:
+        parts.append(json.dumps(config[s], sort_keys=True))
+        keys.append("|".join(parts))
+    return keys
+
+
+def _costs(config, heavy_prep=False) -> list[float]:
+    return [
+        (100.0 if heavy_prep else 1.0) + config["prep"]["n"] / 10,
+        1.0 + config["train"]["lr"],
+        0.5 + config["eval"]["w"],
+    ]
+
+
+def _score(config) -> float:
+    return (
+        -((config["prep"]["a"] - 0.3) ** 2)
+        - (math.log10(config["train"]["lr"]) + 2) ** 2
+        - (config["eval"]["w"] - 0.6) ** 2
+        + (0.2 if config["train"]["opt"] == "adam" else 0.0)
+    )
+
+
+def _result(config, score=None, memoized=0, heavy_prep=False, metric="score"):
+    costs = _costs(config, heavy_prep)
+    spent = [0.1 if k < memoized else c for k, c in enumerate(costs)]
+    keys = _keys(config)
+    result = {"memoized_stages": memoized, "total_cost": sum(spent)}
+    result[metric] = _score(config) if score is None else score
+    for k, s in enumerate(STAGES):
+        result[f"stage_costs/{s}"] = spent[k]
+        result[f"compute_costs/{s}"] = costs[k]
+        result[f"cache_hit/{s}"] = int(k < memoized)
+        result[f"load_seconds/{s}"] = 0.1 if k < memoized else 0.0
+        result[f"prefix_key/{s}"] = keys[k]
+    return result
+
+
+def _engine(**kwargs) -> BOEngine:
+    options = {**FAST, "budget": 10_000.0, "n_warmup": 4, "seed": 0, **kwargs}
+    return BOEngine(_space(), EngineOptions(**options))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"acquisition": "ucb"}, "acquisition"),
+        ({"budget": -1.0}, "budget"),
+        ({"budget": math.nan}, "budget"),
+        ({"budget": "100"}, "budget"),
+        ({"n_warmup": 0}, "n_warmup"),
+        ({"top_q": -1}, "top_q"),
+        ({"num_restarts": 0}, "num_restarts"),
+        ({"raw_samples": 1.5}, "raw_samples"),
+        ({"mc_samples": 0}, "mc_samples"),
+        ({"maxiter": True}, "maxiter"),
+        ({"mode": "maximize"}, "mode"),
+        ({"metric": ""}, "metric"),
+        ({"seed": -1}, "seed"),
+        ({"num_threads": 0}, "num_threads"),
+        ({"refit_growth": -0.1}, "refit_growth"),
+        ({"load_cost_prior": 0}, "load_cost_prior"),
+        ({"cost_model_upstream": "yes"}, "cost_model_upstream"),
+    ],
+)
+def test_bad_options_name_the_option(kwargs, name):
+    with pytest.raises(EngineOptionsError, match=name) as info:
+        EngineOptions(**kwargs)
+    assert isinstance(info.value, ValueError)
+
+
+def test_defaults():
+    opts = EngineOptions()
+    assert (opts.acquisition, opts.n_warmup, opts.top_q, opts.num_restarts, opts.raw_samples) == (
+        "eeipu",
+        10,
+        5,
+        10,
+        512,
+    )
+    assert opts.cost_model_upstream and opts.budget is None
+    with pytest.raises(AttributeError):
+        opts.budget = 3.0  # type: ignore[misc]  # frozen
+
+
+def test_lifecycle_with_failures_and_checkpoint():
+    engine = _engine(n_warmup=3)
+    configs = {}
+    for i in range(3):
+        configs[f"t{i}"] = engine.suggest(f"t{i}", prefix_keys_of=_keys)
+    assert all(r.phase == "warmup" for r in engine.records)
+    assert engine.eta == 1.0
+    engine.on_result("t0", _result(configs["t0"]))
+    engine.on_result("t1", _result(configs["t1"], score=math.nan))
+    engine.on_result("t2", _result(configs["t2"]))
+    charged = {tid: sum(_costs(c)) for tid, c in configs.items()}
+
+    # BO from here on (3 suggested, 2 completed); every kind of failure
+    failures = {"t3": math.inf, "t4": -math.inf, "t5": None, "t6": "error"}
+    for tid, bad in failures.items():
+        config = engine.suggest(tid, prefix_keys_of=_keys)
+        assert config is not None and engine.store[tid].phase == "bo"
+        configs[tid] = config
+        charged[tid] = sum(_costs(config))
+        if bad == "error":
+            engine.on_result(tid, None, error=True)
+            charged[tid] = 0.0
+        elif bad is None:
+            result = _result(config)
+            del result["score"]
+            engine.on_result(tid, result)
+        else:
+            engine.on_result(tid, _result(config, score=bad))
+    statuses = {r.trial_id: r.status for r in engine.records}
+    assert [t for t, s in statuses.items() if s is TrialStatus.COMPLETED] == ["t0", "t2"]
+    assert engine.budget_spent == pytest.approx(sum(charged.values()))
+    assert engine.budget_left == pytest.approx(10_000.0 - sum(charged.values()))
+    assert 0.0 < engine.eta < 1.0
+
+    # a repeated completion changes nothing
+    engine.on_result("t0", _result(configs["t0"], score=1e9))
+    assert engine.store["t0"].objective == pytest.approx(_score(configs["t0"]))
+
+    # checkpoint through JSON into a fresh engine
+    state = json.loads(json.dumps(engine.state_dict()))
+    assert state["format"] == 1
+    restored = _engine(n_warmup=3)
+    restored.load_state_dict(state)
+    assert restored.budget_spent == pytest.approx(engine.budget_spent)
+    assert restored.eta == pytest.approx(engine.eta)
+    assert [r.to_dict() for r in restored.records] == [r.to_dict() for r in engine.records]
+    config = restored.suggest("t7", prefix_keys_of=_keys)
+    assert config is not None and restored.store["t7"].phase == "bo"
+    assert restored.budget_spent == pytest.approx(engine.budget_spent)
+    restored.on_result("t7", _result(config))
+    assert len(restored.store.completed) == 3
+
+
+def test_pending_suggestions_are_distinct():
+    for acquisition in ("eeipu", "ei"):
+        engine = _engine(acquisition=acquisition, n_warmup=4)
+        for i in range(4):
+            config = engine.suggest(f"w{i}", prefix_keys_of=_keys)
+            engine.on_result(f"w{i}", _result(config))
+        X = []
+        for i in range(4):
+            config = engine.suggest(f"p{i}", prefix_keys_of=_keys)
+            assert engine.store[f"p{i}"].phase == "bo"
+            X.append(engine.store[f"p{i}"].x)
+        X = torch.stack(X)
+        dist = torch.cdist(X, X) + torch.eye(4, dtype=X.dtype)
+        assert dist.min() > 1e-3, (acquisition, X)
+        assert len(engine.store.pending) == 4
+
+
+def test_budget_exhaustion_returns_none():
+    engine = _engine(budget=5.0, n_warmup=2)
+    config = engine.suggest("a")
+    engine.on_result("a", _result(config))
+    config = engine.suggest("b")
+    engine.on_result("b", _result(config))
+    assert engine.budget_left < 0
+    assert engine.suggest("c") is None
+    assert "c" not in engine.store
+
+
+def test_unknown_and_duplicate_trial_ids():
+    engine = _engine()
+    engine.suggest("a")
+    with pytest.raises(TrialStateError, match="already suggested"):
+        engine.suggest("a")
+    with pytest.raises(TrialStateError, match="unknown trial id"):
+        engine.on_result("zzz", {"score": 1.0})
+
+
+def test_prefix_reuse_copies_the_cached_stage_verbatim_and_pins():
+    # Stage "prep" costs ~100x the rest: EEIPU should reuse a cached prep.
+    engine = _engine(n_warmup=4, top_q=2)
+    cache: set[str] = set()
+    for i in range(7):
+        config = engine.suggest(f"t{i}", available_prefixes=cache, prefix_keys_of=_keys)
+        keys = _keys(config)
+        memoized = 2 if keys[1] in cache else 1 if keys[0] in cache else 0
+        engine.on_result(f"t{i}", _result(config, memoized=memoized, heavy_prep=True))
+        cache.update(keys[:2])
+    bo = [r for r in engine.records if r.phase == "bo"]
+    assert bo and all(r.planned_prefix_depth >= 1 for r in bo)
+    assert all(r.memoized_stages >= 1 for r in bo)
+    earlier = [r.config["prep"] for r in engine.records[:4]]
+    assert all(r.config["prep"] in earlier for r in bo)
+    top = engine.store.top(2)
+    assert engine.pins() == {k for r in top for k in r.prefix_keys[:2]}
+
+
+def test_nothing_available_means_no_reuse():
+    engine = _engine(n_warmup=4)
+    for i in range(6):
+        config = engine.suggest(f"t{i}", available_prefixes=set(), prefix_keys_of=_keys)
+        engine.on_result(f"t{i}", _result(config, heavy_prep=True))
+    assert all(r.planned_prefix_depth == 0 for r in engine.records)
+
+
+@pytest.mark.parametrize("acquisition", ["ei", "eips", "carbo", "random"])
+def test_baselines_run(acquisition):
+    engine = _engine(acquisition=acquisition, n_warmup=3, budget=100.0)
+    for i in range(5):
+        config = engine.suggest(f"t{i}", prefix_keys_of=_keys)
+        assert 1 <= config["prep"]["n"] < 10 and config["prep"]["tag"] == "v1"
+        engine.on_result(f"t{i}", _result(config))
+    phases = {r.phase for r in engine.records}
+    assert phases == ({"random"} if acquisition == "random" else {"warmup", "bo"})
+    expected_eta = {"ei": 0.0, "random": 0.0, "eips": 1.0}.get(acquisition)
+    if expected_eta is not None:
+        assert engine.eta == expected_eta
+    else:
+        assert 0.0 <= engine.eta < 1.0
+
+
+def test_min_mode_and_metric_name():
+    engine = _engine(metric="loss", mode="min", n_warmup=2)
+    config = engine.suggest("a")
+    engine.on_result("a", _result(config, score=0.25, metric="loss"))
+    assert engine.store["a"].objective == -0.25
+
+
+def test_add_evaluated_point():
+    engine = _engine()
+    config = _space().from_unit(torch.full((5,), 0.5, dtype=torch.double))
+    engine.add_evaluated("seed-point", config, _result(config))
+    record = engine.store["seed-point"]
+    assert record.phase == "observed" and record.status is TrialStatus.COMPLETED
+
+
+def test_checkpoint_mismatches_are_refused():
+    engine = _engine()
+    state = engine.state_dict()
+    with pytest.raises(EngineStateError, match="format"):
+        _engine().load_state_dict({**state, "format": 99})
+    other = BOEngine(SearchSpace.from_tune({"x": tune.uniform(0, 1)}), EngineOptions())
+    with pytest.raises(EngineStateError, match="another search space"):
+        other.load_state_dict(state)
+
+
+def test_engine_restores_torch_threads():
+    before = torch.get_num_threads()
+    engine = _engine(n_warmup=2, num_threads=1)
+    for i in range(3):
+        config = engine.suggest(f"t{i}")
+        engine.on_result(f"t{i}", _result(config))
+    assert torch.get_num_threads() == before
+
+
+def test_importing_the_engine_does_not_import_ray():
+    code = (
+        "import sys, torch\n"
+        "import eeipu_ray.search as s\n"
+        "assert 'ray' not in sys.modules, 'ray imported'\n"
+        "from eeipu_ray.search.synthetic import synthetic_objective\n"
+        "assert 'ray' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_engine_pickles_after_a_bo_step():
+    import pickle
+
+    engine = _engine(n_warmup=2)
+    for i in range(3):
+        config = engine.suggest(f"t{i}", prefix_keys_of=_keys)
+        engine.on_result(f"t{i}", _result(config))
+    clone = pickle.loads(pickle.dumps(engine))
+    assert clone.budget_spent == engine.budget_spent
+    assert clone.suggest("t3", prefix_keys_of=_keys) is not None
+
+
+def test_choices_come_back_as_the_space_objects():
+    class Marker:
+        pass
+
+    marker = Marker()
+    space = SearchSpace.from_tune(
+        {"a": {"m": tune.choice([marker])}, "b": {"x": tune.uniform(0, 1)}}
+    )
+    engine = BOEngine(space, EngineOptions(n_warmup=1, **FAST))
+    assert engine.suggest("t0")["a"]["m"] is marker
