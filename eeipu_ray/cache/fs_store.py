@@ -39,6 +39,7 @@ import mmap
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -542,12 +543,15 @@ class FsStore:
         entries_prefix = f"{prefix}/entries/" if prefix else "entries/"
         for upload in uploads:
             key = upload.get("Key", "")
-            if not key.startswith(entries_prefix) or _mtime(
-                {"created": upload.get("Initiated")}) > cutoff:
+            if (
+                not key.startswith(entries_prefix)
+                or _mtime({"created": upload.get("Initiated")}) > cutoff
+            ):
                 continue
             with contextlib.suppress(OSError, ValueError):
-                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key,
-                                UploadId=upload["UploadId"])
+                self.fs.call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"]
+                )
                 aborted.append(f"{bucket}/{key} (upload {upload['UploadId'][:12]})")
         return aborted
 
@@ -618,6 +622,9 @@ def _scrub(exc: BaseException, options: Mapping[str, Any]) -> str:
     return text
 
 
+_OVERLAP_BYTES = 8 * 2**20
+
+
 class _HashingWriter:
     """File wrapper that checksums (xxh3-128) and counts what passes through."""
 
@@ -629,8 +636,25 @@ class _HashingWriter:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self._hash.update(view)
-        self._fh.write(view)
+        if view.nbytes >= _OVERLAP_BYTES:
+            # The write syscall releases the GIL: checksum while the kernel copies.
+            failure: list[BaseException] = []
+
+            def write_all() -> None:
+                try:
+                    self._fh.write(view)
+                except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                    failure.append(exc)
+
+            writer = threading.Thread(target=write_all, name="eeipu-cache-write")
+            writer.start()
+            self._hash.update(view)
+            writer.join()
+            if failure:
+                raise failure[0]
+        else:
+            self._hash.update(view)
+            self._fh.write(view)
         self.size += view.nbytes
         return view.nbytes
 

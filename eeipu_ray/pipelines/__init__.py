@@ -7,6 +7,7 @@ from typing import Any
 
 BUILTIN = {
     "regression": "eeipu_ray.pipelines.regression",
+    "synthetic": "eeipu_ray.pipelines.synthetic",
 }
 
 

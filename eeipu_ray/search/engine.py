@@ -291,6 +291,20 @@ class BOEngine:
         """
         self.store.complete(trial_id, result, error=error)
 
+    def register(
+        self,
+        trial_id: str,
+        config: Mapping[str, Any],
+        prefix_keys_of: PrefixKeysOf = None,
+    ) -> None:
+        """Record a trial the caller chose (e.g. from ``points_to_evaluate``) as
+        pending, exactly as if :meth:`suggest` had proposed ``config``; it counts
+        towards the warm-up."""
+        x = self.space.to_unit(config)
+        keys = list(prefix_keys_of(config)) if prefix_keys_of is not None else None
+        self.store.add_pending(trial_id, _copy_config(config), x, phase="given", prefix_keys=keys)
+        self._n_suggested += 1
+
     def add_evaluated(
         self,
         trial_id: str,

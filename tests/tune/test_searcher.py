@@ -1,0 +1,189 @@
+"""EEIPUSearcher through the Ray Tune lifecycle, on a real local Ray cluster."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from eeipu_ray.cache import PrefixCache
+from eeipu_ray.pipelines import load_pipeline
+from eeipu_ray.search import EngineOptions
+from eeipu_ray.search.records import TrialStatus
+from eeipu_ray.search.synthetic import synthetic_objective
+from eeipu_ray.tune.searcher import EEIPUSearcher, SearcherStateError
+
+FAST = EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20)
+
+
+def make_searcher(pipeline: Any, cache: PrefixCache | None, **kwargs: Any) -> EEIPUSearcher:
+    kwargs.setdefault("budget", 25.0)
+    kwargs.setdefault("n_warmup", 4)
+    return EEIPUSearcher(pipeline, metric="score", mode="max", cache=cache, options=FAST, **kwargs)
+
+
+def test_lifecycle_failures_are_charged_and_state_survives_restore(tmp_path: Path) -> None:
+    pipeline = load_pipeline("synthetic")
+    cache = PrefixCache(tmp_path / "cache")
+    searcher = make_searcher(pipeline, cache, budget=1000.0)
+    outcomes: list[tuple[dict[str, Any] | None, bool]] = [
+        ({"score": float("nan"), "total_cost": 1.0}, False),
+        ({"score": float("inf"), "total_cost": 1.0}, False),
+        ({"score": float("-inf"), "total_cost": 1.0}, False),
+        ({"total_cost": 1.0}, False),  # metric missing
+        (None, True),  # errored trial: nothing reported
+    ]
+    for i, (result, error) in enumerate(outcomes):
+        config = searcher.suggest(f"fail{i}")
+        assert isinstance(config, dict)
+        searcher.on_trial_complete(f"fail{i}", result=result, error=error)
+        searcher.on_trial_complete(f"fail{i}", result=result, error=error)  # idempotent
+    records = searcher.engine.records
+    assert [r.status for r in records] == [TrialStatus.FAILED] * 5
+    assert searcher.budget_spent == pytest.approx(4.0)  # charged although failed
+    for i in range(4):  # real results: the pipeline run in-process
+        config = searcher.suggest(f"ok{i}")
+        assert isinstance(config, dict)
+        searcher.on_trial_complete(f"ok{i}", result=pipeline.run(config, cache).to_result("score"))
+    spent = searcher.budget_spent
+
+    path = tmp_path / "searcher.pkl"
+    searcher.save(str(path))
+    fresh = make_searcher(pipeline, cache, budget=1000.0)
+    fresh.restore(str(path))
+    assert fresh.budget_spent == pytest.approx(spent)
+    assert [r.trial_id for r in fresh.engine.records] == [
+        r.trial_id for r in searcher.engine.records
+    ]
+    nxt = fresh.suggest("after-restore")
+    assert isinstance(nxt, dict) and set(nxt) == set(pipeline.stage_names)
+    # No temp files left behind by the atomic save.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "searcher.pkl"]
+
+
+def test_budget_ends_the_search_with_finished(tmp_path: Path) -> None:
+    pipeline = load_pipeline("synthetic")
+    searcher = make_searcher(pipeline, None, budget=3.0)
+    n = 0
+    while True:
+        config = searcher.suggest(f"t{n}")
+        if config == Searcher.FINISHED:
+            break
+        assert isinstance(config, dict)
+        searcher.on_trial_complete(f"t{n}", result=pipeline.run(config).to_result("score"))
+        n += 1
+        assert n < 50
+    assert searcher.budget_spent >= 3.0
+    assert searcher.suggest("late") == Searcher.FINISHED
+
+
+def test_tuner_sweep_spends_its_budget_exactly_and_reuses_prefixes(
+    ray_local: Any, tmp_path: Path
+) -> None:
+    pipeline = load_pipeline("synthetic")
+    cache = PrefixCache(tmp_path / "cache")
+    searcher = make_searcher(pipeline, cache, budget=30.0)
+    grid = tune.Tuner(
+        pipeline.as_trainable(cache=cache, metric="score"),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="exp", verbose=0),
+    ).fit()
+    metrics = [r.metrics for r in grid]
+    assert not any(r.error for r in grid)
+    # The last trial was suggested while budget was left; together they pass it.
+    assert sum(m["total_cost"] for m in metrics) >= 30.0
+    assert any(m["memoized_stages"] > 0 for m in metrics), "EEIPU never reused a prefix"
+    for m, r in zip(metrics, grid, strict=True):  # memoized or not, the data is right
+        assert m["score"] == pytest.approx(synthetic_objective(pipeline.nest_config(r.config)))
+
+    restored = make_searcher(pipeline, cache, budget=30.0)
+    restored.restore_from_dir(str(tmp_path / "exp"))
+    assert restored.budget_spent == pytest.approx(sum(m["total_cost"] for m in metrics))
+    assert len(restored.engine.records) == len(metrics)
+    assert restored.suggest("more") == Searcher.FINISHED
+    # The searcher told the cache which prefixes to keep.
+    assert cache.pinned() and cache.pinned() <= {e.key for e in cache.entries()}
+
+
+def test_tune_run_with_concurrency_limiter_and_plain_space(ray_local: Any, tmp_path: Path) -> None:
+    def objective(config: dict[str, Any]) -> None:
+        tune.report({"loss": (config["x"] - 0.3) ** 2 + config["n"] * 0.01})
+
+    space = {"x": tune.uniform(0.0, 1.0), "n": tune.randint(1, 5), "tag": "constant"}
+    searcher = EEIPUSearcher(
+        metric="loss",
+        mode="min",
+        space=space,
+        acquisition="carbo",
+        n_warmup=3,
+        options=FAST,
+        points_to_evaluate=[{"x": 0.3, "n": 1, "tag": "constant"}],
+    )
+    analysis = tune.run(
+        objective,
+        search_alg=ConcurrencyLimiter(searcher, max_concurrent=2),
+        num_samples=7,
+        storage_path=str(tmp_path),
+        verbose=0,
+    )
+    configs = [t.config for t in analysis.trials]
+    assert len(configs) == 7
+    assert {"x": 0.3, "n": 1, "tag": "constant"} in configs  # points_to_evaluate ran
+    for c in configs:
+        assert 0.0 <= c["x"] <= 1.0 and isinstance(c["n"], int) and 1 <= c["n"] < 5
+        assert c["tag"] == "constant"
+    assert all(t.last_result.get("loss") is not None for t in analysis.trials)
+
+
+def test_parallel_suggestions_are_distinct_and_pending_prefixes_count() -> None:
+    pipeline = load_pipeline("synthetic")
+    searcher = make_searcher(pipeline, None, budget=1000.0, max_concurrent=4, n_warmup=4)
+    for i in range(6):  # finish a warm-up so that BO steps follow
+        config = searcher.suggest(f"w{i}")
+        searcher.on_trial_complete(f"w{i}", result=pipeline.run(config).to_result("score"))
+    pending = [searcher.suggest(f"p{i}") for i in range(4)]
+    assert all(isinstance(c, dict) for c in pending)
+    assert len({repr(sorted((s, sorted(v.items())) for s, v in c.items())) for c in pending}) == 4
+    assert searcher.suggest("p4") is None  # at the concurrency limit: wait
+
+
+def test_add_evaluated_point_and_errors_name_the_problem() -> None:
+    pipeline = load_pipeline("synthetic")
+    searcher = make_searcher(pipeline, None)
+    config = pipeline.nest_config(
+        {
+            "stage1": {"x1": 0.0, "x2": 0.0},
+            "stage2": {"x1": 0.0, "x2": 0.0, "x3": 0.0},
+            "stage3": {"x1": 3.0, "x2": 3.0},
+        }
+    )
+    searcher.add_evaluated_point(config, -15.0)
+    assert searcher.engine.records[0].objective == pytest.approx(-15.0)
+    assert math.isfinite(searcher.engine.records[0].objective)
+
+    no_space = EEIPUSearcher(metric="score", mode="max")
+    with pytest.raises(SearcherStateError, match="param_space"):
+        no_space.suggest("t0")
+    with pytest.raises(SearcherStateError, match="either a pipeline or a space"):
+        EEIPUSearcher(pipeline, space={"x": tune.uniform(0, 1)})
+    with pytest.raises(ValueError, match=r"'x': grid_search is not supported"):
+        EEIPUSearcher(metric="m", mode="max", space={"x": tune.grid_search([1, 2])})
+
+
+def test_searcher_pickles_without_fitted_models(tmp_path: Path) -> None:
+    import pickle
+
+    pipeline = load_pipeline("synthetic")
+    searcher = make_searcher(pipeline, PrefixCache(tmp_path / "c"), budget=1000.0)
+    for i in range(6):
+        config = searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", result=pipeline.run(config).to_result("score"))
+    copy = pickle.loads(pickle.dumps(searcher))
+    assert copy.budget_spent == pytest.approx(searcher.budget_spent)
+    assert isinstance(copy.suggest("t-next"), dict)
+    assert os.path.isdir(tmp_path / "c")
