@@ -1,0 +1,53 @@
+"""Driver for the Tuner.restore test: ``start`` runs a sweep (to be killed),
+``resume`` restores it with ``Tuner.restore`` and finishes it.
+
+Usage: python restore_driver.py start|resume STORAGE_DIR CACHE_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # checkpoint experiment state eagerly
+
+import ray
+from ray import tune
+
+from eeipu_ray.cache import PrefixCache
+from eeipu_ray.pipelines.synthetic import build_pipeline
+from eeipu_ray.search import EngineOptions
+from eeipu_ray.tune.searcher import EEIPUSearcher
+
+BUDGET = 30.0
+TIME_SCALE = 0.15  # seconds of sleep per cost unit: a trial takes ~0.5-1 s
+
+
+def main() -> None:
+    mode, storage, cache_dir = sys.argv[1:4]
+    pipeline = build_pipeline(time_scale=TIME_SCALE)
+    cache = PrefixCache(cache_dir)
+    trainable = pipeline.as_trainable(cache=cache, metric="score")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    if mode == "start":
+        searcher = EEIPUSearcher(
+            pipeline, metric="score", mode="max", budget=BUDGET, cache=cache, n_warmup=4,
+            options=EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20),
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1),
+            run_config=tune.RunConfig(storage_path=storage, name="exp", verbose=0),
+        )
+    else:
+        tuner = tune.Tuner.restore(os.path.join(storage, "exp"), trainable=trainable,
+                                   resume_errored=True)
+    grid = tuner.fit()
+    print(json.dumps({"trials": len(grid), "errors": sum(1 for r in grid if r.error)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""A driver killed mid-experiment resumes with Tuner.restore: the budget spent
+and the observations come back, and the search finishes within its budget."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eeipu_ray.cache import PrefixCache
+from eeipu_ray.pipelines.synthetic import build_pipeline
+from eeipu_ray.search.synthetic import synthetic_objective
+from eeipu_ray.tune.searcher import EEIPUSearcher
+
+DRIVER = Path(__file__).with_name("restore_driver.py")
+BUDGET = 30.0
+
+
+def _checkpoint_state(exp_dir: Path) -> dict[str, Any] | None:
+    paths = sorted(glob.glob(str(exp_dir / "searcher-state-*.pkl")))
+    if not paths:
+        return None
+    try:
+        with open(paths[-1], "rb") as fh:
+            return pickle.load(fh)
+    except (EOFError, pickle.UnpicklingError):
+        return None
+
+
+def _completed(state: dict[str, Any]) -> dict[str, float]:
+    return {r["trial_id"]: r["objective"] for r in state["engine"]["records"]
+            if r["status"] == "completed"}
+
+
+def test_killed_driver_resumes_with_budget_and_observations(tmp_path: Path) -> None:
+    storage, cache_dir = tmp_path / "results", tmp_path / "cache"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(DRIVER)]
+    driver = subprocess.Popen([*cmd, "start", str(storage), str(cache_dir)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    exp_dir = storage / "exp"
+    state = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            state = _checkpoint_state(exp_dir)
+            if state is not None and len(_completed(state)) >= 5:
+                break
+            if driver.poll() is not None:
+                pytest.fail("driver ended before it was killed:\n"
+                            + driver.stdout.read().decode(errors="replace")[-3000:])
+            time.sleep(0.5)
+        else:
+            pytest.fail("the sweep never checkpointed 5 completed trials")
+    finally:
+        # SIGKILL the driver and the local Ray cluster it started (its session).
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    assert state is not None
+    before = _checkpoint_state(exp_dir)  # the last state written before the kill
+    assert before is not None
+    spent_before = sum(r["charged_cost"] or 0.0 for r in before["engine"]["records"])
+    assert 0 < spent_before < BUDGET, "kill the driver before the budget is spent"
+
+    resumed = subprocess.run([*cmd, "resume", str(storage), str(cache_dir)], env=env,
+                             capture_output=True, text=True, timeout=420, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    pipeline = build_pipeline(time_scale=0.15)
+    final = EEIPUSearcher(pipeline, metric="score", mode="max", budget=BUDGET,
+                          cache=PrefixCache(cache_dir))
+    final.restore_from_dir(str(exp_dir))
+    records = {r.trial_id: r for r in final.engine.records}
+    # Every observation from before the kill is still there, unchanged.
+    for trial_id, objective in _completed(before).items():
+        assert records[trial_id].objective == pytest.approx(objective)
+    # The budget carried over: the resumed search stopped at BUDGET in total,
+    # not at BUDGET spent after the restart.
+    assert final.budget_spent >= BUDGET
+    assert final.budget_spent - spent_before < BUDGET
+    assert final.budget_spent == pytest.approx(
+        sum(r.charged_cost or 0.0 for r in records.values()))
+    for r in records.values():
+        if r.objective is not None:
+            assert r.objective == pytest.approx(synthetic_objective(pipeline.nest_config(r.config)))
