@@ -17,7 +17,8 @@ python -m pip install --quiet -e .
 
 export RAY_AIR_NEW_OUTPUT=0
 exec eeipu-ray run regression \
-  --num-samples "${EEIPU_NUM_SAMPLES:-24}" \
+  --budget "${EEIPU_BUDGET:-30}" \
+  --warmup 8 \
   --cache "${EEIPU_CACHE_DIR:-$PWD/.eeipu-cache}" \
   --storage-path "$PWD/results" \
   "$@"

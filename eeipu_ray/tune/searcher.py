@@ -225,6 +225,21 @@ class EEIPUSearcher(Searcher):
             trial_id, parameters, {self._metric: value}, error=bool(error or pruned)
         )
 
+    def add_evaluated_points(
+        self, points: Sequence[tuple[Mapping[str, Any], float | Mapping[str, Any]]]
+    ) -> None:
+        """Warm-start from trials run elsewhere: ``(config, value)`` pairs, or
+        ``(config, result)`` with a full result dict (the metric plus
+        ``stage_costs/<s>`` and ``compute_costs/<s>``, as a pipeline trial
+        reports them), which also teaches the cost models."""
+        for config, outcome in points:
+            if isinstance(outcome, Mapping):
+                trial_id = f"evaluated-{self._n_evaluated}-{uuid.uuid4().hex[:8]}"
+                self._n_evaluated += 1
+                self.engine.add_evaluated(trial_id, config, self._with_cost(dict(outcome)))
+            else:
+                self.add_evaluated_point(dict(config), float(outcome))
+
     # ------------------------------------------------------- checkpointing
     def save(self, checkpoint_path: str) -> None:
         """Write the state atomically (temporary file, then ``os.replace``)."""
