@@ -231,7 +231,8 @@ class EEIPUSearcher(Searcher):
         """Warm-start from trials run elsewhere: ``(config, value)`` pairs, or
         ``(config, result)`` with a full result dict (the metric plus
         ``stage_costs/<s>`` and ``compute_costs/<s>``, as a pipeline trial
-        reports them), which also teaches the cost models."""
+        reports them), which also teaches the cost models. Costs given this
+        way count towards the budget, as if the search had spent them."""
         for config, outcome in points:
             if isinstance(outcome, Mapping):
                 trial_id = f"evaluated-{self._n_evaluated}-{uuid.uuid4().hex[:8]}"

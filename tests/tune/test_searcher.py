@@ -187,3 +187,21 @@ def test_searcher_pickles_without_fitted_models(tmp_path: Path) -> None:
     assert copy.budget_spent == pytest.approx(searcher.budget_spent)
     assert isinstance(copy.suggest("t-next"), dict)
     assert os.path.isdir(tmp_path / "c")
+
+
+def test_add_evaluated_points_with_full_results_teaches_costs() -> None:
+    pipeline = load_pipeline("synthetic")
+    donor = make_searcher(pipeline, None, budget=1000.0)
+    points = []
+    for i in range(5):
+        config = donor.suggest(f"d{i}")
+        points.append((config, pipeline.run(config).to_result("score")))
+    searcher = make_searcher(pipeline, None, budget=1000.0)
+    searcher.add_evaluated_points([*points, (points[0][0], -99.0)])
+    records = searcher.engine.records
+    assert len(records) == 6
+    assert records[0].stage_compute_costs == pytest.approx(
+        [points[0][1][f"compute_costs/{s}"] for s in pipeline.stage_names]
+    )
+    assert records[-1].objective == pytest.approx(-99.0)
+    assert searcher.budget_spent == pytest.approx(sum(r["total_cost"] for _, r in points))
