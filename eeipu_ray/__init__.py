@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PrefixCache": "eeipu_ray.cache",
     "pipeline_trainable": "eeipu_ray.tune",
+    "EEIPUSearcher": "eeipu_ray.tune",
 }
 
 
@@ -46,6 +47,7 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "EEIPUError",
+    "EEIPUSearcher",
     "Pipeline",
     "PipelineDefinitionError",
     "PipelineRun",
