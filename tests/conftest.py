@@ -38,8 +38,11 @@ def s3_server() -> Iterator[dict[str, Any]]:
     creds = {"key": "testing-access-key", "secret": "testing-secret-key"}
     info = {
         "endpoint_url": endpoint,
-        "storage_options": {**creds, "endpoint_url": endpoint,
-                            "client_kwargs": {"region_name": "us-east-1"}},
+        "storage_options": {
+            **creds,
+            "endpoint_url": endpoint,
+            "client_kwargs": {"region_name": "us-east-1"},
+        },
         "env": {
             "AWS_ACCESS_KEY_ID": creds["key"],
             "AWS_SECRET_ACCESS_KEY": creds["secret"],
@@ -54,19 +57,24 @@ def s3_server() -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture
-def s3_bucket(s3_server: dict[str, Any]) -> str:
-    """A fresh bucket on the loopback S3 server; returns ``s3://<bucket>``."""
+def s3_client(s3_server: dict[str, Any]) -> Any:
+    """A boto3 S3 client of the loopback server (for what s3fs does not expose)."""
     import boto3
 
-    name = f"eeipu-{uuid.uuid4().hex[:12]}"
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=s3_server["endpoint_url"],
         aws_access_key_id=s3_server["storage_options"]["key"],
         aws_secret_access_key=s3_server["storage_options"]["secret"],
         region_name="us-east-1",
     )
-    client.create_bucket(Bucket=name)
+
+
+@pytest.fixture
+def s3_bucket(s3_client: Any) -> str:
+    """A fresh bucket on the loopback S3 server; returns ``s3://<bucket>``."""
+    name = f"eeipu-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=name)
     return f"s3://{name}"
 
 
@@ -77,8 +85,13 @@ def ray_local() -> Iterator[Any]:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="eeipu_ray",
-             logging_level="WARNING", log_to_driver=True)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="eeipu_ray",
+        logging_level="WARNING",
+        log_to_driver=True,
+    )
     try:
         yield ray
     finally:

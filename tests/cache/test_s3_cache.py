@@ -191,26 +191,19 @@ def test_store_without_conditional_puts_falls_back(
     assert first.verify(key).key == key and first.gc(older_than=0) == []
 
 
-def test_gc_aborts_multipart_uploads_left_by_a_killed_writer(s3_server, s3_bucket):
+def test_gc_aborts_multipart_uploads_left_by_a_killed_writer(s3_server, s3_bucket, s3_client):
     """A writer killed mid-upload leaves an unfinished multipart upload, which S3
     keeps (and bills) until it is aborted; gc aborts the ones under the root."""
-    import boto3
-
     cache = PrefixCache(s3_bucket + "/root", storage_options=s3_server["storage_options"])
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server["endpoint_url"],
-        aws_access_key_id=s3_server["storage_options"]["key"],
-        aws_secret_access_key=s3_server["storage_options"]["secret"],
-        region_name="us-east-1",
-    )
+    client = s3_client
     bucket = s3_bucket.removeprefix("s3://")
     inside = f"root/entries/{'a' * 64}/d-killed/data"
     outside = "elsewhere/big-upload"
     for key in (inside, outside):
         upload = client.create_multipart_upload(Bucket=bucket, Key=key)
-        client.upload_part(Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1,
-                           Body=b"x" * 1024)
+        client.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024
+        )
 
     removed = cache.gc(older_than=0)
 
