@@ -13,7 +13,7 @@ fi
 . "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "$TORCH_SPEC"
-python -m pip install --quiet -e .
+python -m pip install --quiet -c requirements/constraints.txt -e .
 
 export RAY_AIR_NEW_OUTPUT=0
 exec eeipu-ray run regression \

@@ -13,7 +13,7 @@ fi
 . "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "$TORCH_SPEC"
-python -m pip install --quiet -e ".[test,bench]"
+python -m pip install --quiet -c requirements/constraints.txt -e ".[test,bench]"
 
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"   # loopback-only test clusters
 ruff check .
