@@ -79,6 +79,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             num_samples=args.num_samples,
             max_concurrent_trials=None if search_alg else args.max_concurrent,
             search_alg=search_alg,
+            reuse_actors=True,  # ~0.1 s instead of ~4 s of Tune overhead per trial here
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
     )
