@@ -358,7 +358,12 @@ def write_results(
         f"Settings: budget {settings['budget']} cost units"
         + (" after the warm-up" if settings.get("budget_after_warmup") else " (warm-up included)")
         + f", {settings['warmup']} warm-up points, "
-        f"engine options {optimizer}"
+        + (
+            f"stages sleep {settings['time_scale']:g} s per cost unit, "
+            if settings.get("time_scale")
+            else ""
+        )
+        + f"engine options {optimizer}"
         f", Tune {'defaults' if settings['tune_defaults'] else 'reuse_actors=True, verbose=0'}.",
         "",
     ]
@@ -423,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init(
+        address="local",  # a private local cluster, never one already running here
         num_cpus=max(args.workers, 2),
         include_dashboard=False,
         logging_level="WARNING",

@@ -85,7 +85,9 @@ def ray_local() -> Iterator[Any]:
 
     if ray.is_initialized():
         ray.shutdown()
+    # address="local": a fresh cluster even when another one runs on this machine.
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         namespace="eeipu_ray",
