@@ -244,18 +244,22 @@ class EEIPUSearcher(Searcher):
     # ------------------------------------------------------- checkpointing
     def save(self, checkpoint_path: str) -> None:
         """Write the state atomically (temporary file, then ``os.replace``)."""
-        state = {
+        state = self._state()
+        directory = os.path.dirname(os.path.abspath(checkpoint_path))
+        tmp = os.path.join(directory, f".{os.path.basename(checkpoint_path)}.{uuid.uuid4().hex}")
+        with open(tmp, "wb") as fh:
+            pickle.dump(state, fh, protocol=5)
+        os.replace(tmp, checkpoint_path)
+
+    def _state(self) -> dict[str, Any]:
+        """The versioned checkpoint: what ``save`` writes and pickling ships."""
+        return {
             "format": CHECKPOINT_FORMAT,
             "engine": self.engine.state_dict(),
             "points_to_evaluate": self._points,
             "pinned": sorted(self._pinned),
             "n_evaluated": self._n_evaluated,
         }
-        directory = os.path.dirname(os.path.abspath(checkpoint_path))
-        tmp = os.path.join(directory, f".{os.path.basename(checkpoint_path)}.{uuid.uuid4().hex}")
-        with open(tmp, "wb") as fh:
-            pickle.dump(state, fh, protocol=5)
-        os.replace(tmp, checkpoint_path)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as fh:
@@ -282,13 +286,7 @@ class EEIPUSearcher(Searcher):
         # as fitted GPs.
         state = self.__dict__.copy()
         if self._engine is not None:
-            state["_pending_state"] = {
-                "format": CHECKPOINT_FORMAT,
-                "engine": self._engine.state_dict(),
-                "points_to_evaluate": self._points,
-                "pinned": sorted(self._pinned),
-                "n_evaluated": self._n_evaluated,
-            }
+            state["_pending_state"] = self._state()
             state["_engine"] = None
         return state
 
