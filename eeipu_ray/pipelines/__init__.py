@@ -8,6 +8,8 @@ from typing import Any
 BUILTIN = {
     "regression": "eeipu_ray.pipelines.regression",
     "synthetic": "eeipu_ray.pipelines.synthetic",
+    "stacking": "eeipu_ray.pipelines.stacking",
+    "cnn": "eeipu_ray.pipelines.cnn",
 }
 
 

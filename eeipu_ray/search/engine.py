@@ -78,7 +78,8 @@ class EngineOptions:
         mode: ``"max"`` or ``"min"``.
         n_warmup: Sobol points before BO starts.
         top_q: Observations whose prefixes enter the pool.
-        num_restarts: L-BFGS-B restarts per prefix.
+        num_restarts: L-BFGS-B restarts for the empty prefix (prefixes that fix
+            dimensions get a share proportional to their free dimensions).
         raw_samples: Raw samples per prefix.
         maxiter: L-BFGS-B iterations per restart.
         mc_samples: QMC samples of the cost posterior.

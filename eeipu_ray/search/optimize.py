@@ -32,6 +32,8 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
+_MIN_RESTARTS = 2  # per prefix, however few dimensions it leaves free
+
 
 @dataclass(frozen=True)
 class Prefix:
@@ -59,7 +61,9 @@ class OptimizeOptions:
     """Budget of the acquisition optimizer.
 
     Attributes:
-        num_restarts: L-BFGS-B restarts per prefix.
+        num_restarts: L-BFGS-B restarts for the empty prefix. A prefix that
+            fixes some dimensions gets a share proportional to its free
+            dimensions (at least 2).
         raw_samples: Sobol raw samples for the empty prefix, scored to pick the
             restarts. A prefix that fixes some dimensions gets a share
             proportional to its free dimensions (at least ``num_restarts``):
@@ -181,11 +185,20 @@ def optimize_over_pool(
     with torch.no_grad():
         vals = _evaluate(acqf, X_raw.unsqueeze(-2), options.batch_limit)
 
+    # Restarts, likewise, in proportion to the free dimensions: a prefix that fixes
+    # most of the cube leaves a small problem that a few restarts cover.
+    n_restarts = [
+        max(
+            min(_MIN_RESTARTS, options.num_restarts),
+            math.ceil(options.num_restarts * free / max(dim, 1)),
+        )
+        for free in n_free
+    ]
     starts, owners = [], []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for i, (X_i, vals_i) in enumerate(zip(X_raw.split(n_raw), vals.split(n_raw), strict=True)):
-            x0 = _pick_restarts(X_i, vals_i, options.num_restarts)
+            x0 = _pick_restarts(X_i, vals_i, n_restarts[i])
             starts.append(x0)
             owners.extend([i] * x0.shape[0])
     owner = torch.tensor(owners, dtype=torch.double)
