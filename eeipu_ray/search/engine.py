@@ -39,6 +39,7 @@ from eeipu_ray.search.acquisition import (
     RandomProposer,
     cost_cooling,
 )
+from eeipu_ray.search.design import cheap_and_diverse
 from eeipu_ray.search.errors import EngineOptionsError, EngineStateError, TrialStateError
 from eeipu_ray.search.models import (
     FitOptions,
@@ -51,7 +52,7 @@ from eeipu_ray.search.optimize import (
     OptimizeOptions,
     Prefix,
     build_prefix_pool,
-    optimize_over_pool,
+    rank_over_pool,
 )
 from eeipu_ray.search.records import TrialRecord, TrialStatus, TrialStore
 from eeipu_ray.search.space import SearchSpace
@@ -90,6 +91,13 @@ class EngineOptions:
         fit_maxiter_warm: GP fit iterations warm-started from the last fit.
         refit_growth: Re-optimize GP hyperparameters once the data grew by this
             fraction (see :class:`~eeipu_ray.search.models.FitOptions`); 0: always.
+        warmup_design: ``"sobol"`` (scrambled Sobol points), ``"cheap"`` (once
+            two trials reported costs, each warm-up point survives alternate
+            elimination of the costliest and least novel of
+            ``warmup_candidates`` Sobol candidates, see
+            :mod:`eeipu_ray.search.design`), or ``"auto"``: ``"cheap"`` for the
+            cost-aware EEIPU and CArBO, ``"sobol"`` for EI, EIPS and random.
+        warmup_candidates: Candidates per cheap warm-up point.
         num_threads: torch intra-op threads while suggesting (restored after);
             ``None`` leaves torch's setting alone. The GPs are small (hundreds of
             points), so one thread is fastest, and the searcher does not fight
@@ -113,6 +121,8 @@ class EngineOptions:
     fit_maxiter_warm: int = 40
     refit_growth: float = 0.1
     num_threads: int | None = 1
+    warmup_design: str = "auto"
+    warmup_candidates: int = 16
 
     def __post_init__(self) -> None:
         if self.acquisition not in ACQUISITIONS:
@@ -135,6 +145,11 @@ class EngineOptions:
         for name in ("fit_maxiter_cold", "fit_maxiter_warm"):
             _check_int(self, name, 1)
         _check_int(self, "seed", 0)
+        _check_int(self, "warmup_candidates", 1)
+        if self.warmup_design not in ("auto", "sobol", "cheap"):
+            raise EngineOptionsError(
+                f"warmup_design={self.warmup_design!r} is not one of ('auto', 'sobol', 'cheap')"
+            )
         if self.num_threads is not None:
             _check_int(self, "num_threads", 1)
         if (
@@ -156,6 +171,23 @@ class _ModelCache:
     version: int = -1  # TrialStore.version the models were fitted at
     models: SurrogateModels | None = None
     fitter: GPFitter | None = None
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A BO step's outcome before it is given a trial id (see :meth:`BOEngine.lookahead`).
+
+    Attributes:
+        config: The proposed config.
+        planned_depth: Leading stages it expects to load from the cache.
+        source_trial: The trial whose cached prefix it extends, if any.
+        version: The store version (completed results) it was computed at.
+    """
+
+    config: dict[str, Any]
+    planned_depth: int
+    source_trial: str | None
+    version: int
 
 
 class BOEngine:
@@ -207,12 +239,7 @@ class BOEngine:
     @property
     def eta(self) -> float:
         """The cost exponent the next BO step uses (1 during warm-up; EIPS: 1; EI: 0)."""
-        acq = self.options.acquisition
-        if acq in ("ei", "random"):
-            return 0.0
-        if acq == "eips":
-            return 1.0
-        return cost_cooling(self.options.budget, self.budget_spent, self._spent_after_warmup)
+        return _eta(self.options, self.budget_spent, self._spent_after_warmup)
 
     @property
     def records(self) -> list[TrialRecord]:
@@ -225,6 +252,7 @@ class BOEngine:
         trial_id: str,
         available_prefixes: AvailablePrefixes = None,
         prefix_keys_of: PrefixKeysOf = None,
+        lookahead: Proposal | None = None,
     ) -> dict[str, Any] | None:
         """Propose the next config for ``trial_id``.
 
@@ -238,6 +266,9 @@ class BOEngine:
             prefix_keys_of: ``prefix_keys_of(config)`` gives the prefix keys of
                 stages ``1..k``, ``k = 1..K`` (e.g. ``pipeline.prefix_keys``); used
                 to know a pending trial's keys and for :meth:`pins`.
+            lookahead: A proposal computed ahead of time by :meth:`lookahead`;
+                used for this BO step unless it has gone bad since (its prefix's
+                source trial failed, or its config was tried meanwhile).
 
         Returns:
             The config (same shape as the space), or ``None`` when the budget is
@@ -254,21 +285,22 @@ class BOEngine:
             return None
         opts = self.options
         planned_depth = 0
+        available = _as_predicate(available_prefixes)
         if opts.acquisition == "random":
             x, phase = self._random.propose(self._n_suggested), "random"
             config = self.space.from_unit(x)
-        elif (
-            self._n_suggested < opts.n_warmup
-            or len(self.store.completed) < _MIN_OBSERVATIONS
-            or self.space.dim == 0
-        ):
-            x, phase = self._next_warmup_point(), "warmup"
+        elif not self.next_is_bo():
+            with _torch_threads(opts.num_threads):
+                x = self._next_warmup_point(available)
+            phase = "warmup"
             config = self.space.from_unit(x)
         else:
-            if self._spent_after_warmup is None:
-                self._spent_after_warmup = self.budget_spent
-            with _torch_threads(opts.num_threads):
-                config, planned_depth = self._bo_step(_as_predicate(available_prefixes))
+            self._enter_bo()
+            proposal = lookahead if self._usable(lookahead) else None
+            if proposal is None:
+                with _torch_threads(opts.num_threads):
+                    proposal = self._propose(self.store, available, self._bo_steps)
+            config, planned_depth = _copy_config(proposal.config), proposal.planned_depth
             phase = "bo"
             self._bo_steps += 1
         x = self.space.to_unit(config)
@@ -278,6 +310,47 @@ class BOEngine:
         )
         self._n_suggested += 1
         return _copy_config(config)
+
+    def next_is_bo(self) -> bool:
+        """Whether the next :meth:`suggest` is a BO step (not warm-up, not random)."""
+        return (
+            self.options.acquisition != "random"
+            and self._n_suggested >= self.options.n_warmup
+            and len(self.store.completed) >= _MIN_OBSERVATIONS
+            and self.space.dim > 0
+        )
+
+    def lookahead(
+        self, available_prefixes: AvailablePrefixes = None
+    ) -> Callable[[], Proposal] | None:
+        """Prepare the next BO step for another thread, while trials run.
+
+        Takes a snapshot of the records now and returns a function that computes
+        the proposal on it; pass its result to :meth:`suggest` as ``lookahead``.
+        The function touches no live state but the fitted-model cache, so it may
+        run in a background thread while this engine records results and
+        suggestions, as long as no other BO step runs meanwhile (the caller
+        waits for it before a :meth:`suggest` that would compute one, and before
+        :meth:`state_dict`). Asynchronous BO with a lookahead of one: the
+        proposal treats the trials running now as pending and does not see the
+        results that arrive while it is computed.
+
+        Returns:
+            The function, or ``None`` when the next step is not a BO step.
+        """
+        if not self.next_is_bo():
+            return None
+        self._enter_bo()
+        store = self.store.snapshot()
+        step = self._bo_steps
+        available = _as_predicate(available_prefixes)
+        threads = self.options.num_threads
+
+        def compute() -> Proposal:
+            with _torch_threads(threads):
+                return self._propose(store, available, step)
+
+        return compute
 
     def on_result(
         self, trial_id: str, result: Mapping[str, Any] | None, error: bool | str = False
@@ -313,10 +386,12 @@ class BOEngine:
         result: Mapping[str, Any] | None,
         error: bool | str = False,
     ) -> None:
-        """Record a trial the engine did not suggest (e.g. a user's starting point)."""
+        """Record a trial the engine did not suggest (e.g. a user's starting point);
+        it counts towards the warm-up, as :meth:`register` does."""
         x = self.space.to_unit(config)
         self.store.add_pending(trial_id, _copy_config(config), x, phase="observed")
         self.store.complete(trial_id, result, error=error)
+        self._n_suggested += 1
 
     def pins(self) -> set[str]:
         """Prefix keys the engine means to reuse: proper prefixes of the top-Q trials."""
@@ -331,8 +406,8 @@ class BOEngine:
     def state_dict(self) -> dict[str, Any]:
         """Plain-Python state (JSON-able when configs are), versioned.
 
-        GP hyperparameters are not saved: after a restore the first fit starts
-        from the priors.
+        The GP hyperparameters are saved too, so the first fit after a restore
+        is warm-started (a cold fit on hundreds of points takes seconds).
         """
         return {
             "format": STATE_FORMAT,
@@ -343,6 +418,7 @@ class BOEngine:
             "spent_after_warmup": self._spent_after_warmup,
             "bo_steps": self._bo_steps,
             "records": [r.to_dict() for r in self.store],
+            "gp": self._cache.fitter.state_dict() if self._cache.fitter is not None else {},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -373,6 +449,9 @@ class BOEngine:
         self._spent_after_warmup = None if sa is None else float(sa)
         self._bo_steps = int(state.get("bo_steps", 0))
         self._cache = _ModelCache(fitter=self._new_fitter())
+        gp = state.get("gp")
+        if isinstance(gp, Mapping) and self._cache.fitter is not None:
+            self._cache.fitter.load_state_dict(gp)
 
     # ------------------------------------------------------------ internals
     def _new_fitter(self) -> GPFitter:
@@ -386,40 +465,112 @@ class BOEngine:
             ),
         )
 
-    def _next_warmup_point(self) -> Tensor:
+    def _warmup_design(self) -> str:
+        design = self.options.warmup_design
+        if design == "auto":
+            return "cheap" if self.options.acquisition in ("eeipu", "carbo") else "sobol"
+        return design
+
+    def _next_warmup_point(self, available: Callable[[str], bool] | None) -> Tensor:
         # Scrambled Sobol: diverse by construction and reproducible from
         # (seed, index), so a restored engine continues the same design.
-        x = self.space.sobol(1, seed=self.options.seed, skip=self._n_warmup_drawn)[0]
-        self._n_warmup_drawn += 1
-        return x
+        costed = [r for r in self.store if r.finished and r.charged_cost > 0]
+        if (
+            self._warmup_design() == "sobol"
+            or len(self.store.completed) < _MIN_OBSERVATIONS
+            or len(costed) < _MIN_OBSERVATIONS
+        ):
+            x = self.space.sobol(1, seed=self.options.seed, skip=self._n_warmup_drawn)[0]
+            self._n_warmup_drawn += 1
+            return x
+        m = self.options.warmup_candidates
+        candidates = self.space.sobol(m, seed=self.options.seed, skip=self._n_warmup_drawn)
+        self._n_warmup_drawn += m
+        candidates = self.space.snap(candidates)  # cells, as the configs will be
+        seen = torch.stack([r.x for r in self.store])
+        pick = cheap_and_diverse(candidates, seen, self._predicted_log_cost(candidates, available))
+        return candidates[pick]
 
-    def _models(self) -> SurrogateModels:
+    def _predicted_log_cost(self, X: Tensor, available: Callable[[str], bool] | None) -> Tensor:
+        """Posterior-mean log cost of running each point of ``X`` (``m x d``) now:
+        its uncached stages (EEIPU's models) or its whole pipeline (total cost)."""
+        models = self._models(self.store)
+        with torch.no_grad():
+            if models.stage_costs is not None:
+                Xq = X.unsqueeze(-2)
+                mu = torch.cat([m.posterior(Xq).mean for m in models.stage_costs.models], -1)
+                mu = mu.squeeze(-2)  # m x K
+                cached = self._cached_prefixes(self.store, available)
+                delta = cached.depth(X) if cached else torch.zeros(X.shape[0], dtype=torch.long)
+                stage = torch.arange(mu.shape[-1])
+                costs = torch.exp(mu) * (stage >= delta.unsqueeze(-1))
+                total = costs.sum(-1) + torch.where(
+                    delta > 0, models.load_costs[delta], torch.zeros(())
+                )
+                return torch.log(total.clamp_min(1e-300))
+            assert models.total_cost is not None
+            return models.total_cost.posterior(X.unsqueeze(-2)).mean.reshape(-1)
+
+    def _models(self, store: TrialStore) -> SurrogateModels:
         acq = self.options.acquisition
-        if self._cache.models is None or self._cache.version != self.store.version:
+        if self._cache.models is None or self._cache.version != store.version:
             assert self._cache.fitter is not None
             self._cache.models = fit_surrogates(
                 self._cache.fitter,
-                list(self.store),
+                list(store),
                 self._stage_dims,
                 need_stage_costs=acq == "eeipu",
                 need_total_cost=acq in ("eips", "carbo"),
                 upstream=self.options.cost_model_upstream,
                 load_prior=self.options.load_cost_prior,
             )
-            self._cache.version = self.store.version
+            self._cache.version = store.version
         return self._cache.models
 
-    def _bo_step(self, available: Callable[[str], bool] | None) -> tuple[dict[str, Any], int]:
+    def _enter_bo(self) -> None:
+        if self._spent_after_warmup is None:
+            self._spent_after_warmup = self.budget_spent
+
+    def _usable(self, proposal: Proposal | None) -> bool:
+        """Whether a lookahead proposal still makes sense now."""
+        if proposal is None:
+            return False
+        source = self.store.get(proposal.source_trial)
+        if (
+            source is not None
+            and source.status is TrialStatus.FAILED
+            and not _prefix_available(source, proposal.planned_depth, None, None)
+        ):
+            logger.debug("lookahead dropped: its prefix's trial %s failed", source.trial_id)
+            return False
+        x = self.space.snap(self.space.to_unit(proposal.config).unsqueeze(0))
+        if bool(self._is_repeat(x, self.store)[0]):
+            logger.debug("lookahead dropped: its config was suggested meanwhile")
+            return False
+        return True
+
+    def _is_repeat(self, X: Tensor, store: TrialStore) -> Tensor:
+        """``BoolTensor[m]``: per row of ``X`` (``m x d``, snapped), whether a trial
+        of ``store`` has that config."""
+        records = list(store)
+        if not records:
+            return torch.zeros(X.shape[0], dtype=torch.bool)
+        seen = self.space.snap(torch.stack([r.x for r in records]))
+        return ((X.unsqueeze(-2) - seen).abs() <= 1e-9).all(-1).any(-1)
+
+    def _propose(
+        self, store: TrialStore, available: Callable[[str], bool] | None, step: int
+    ) -> Proposal:
         opts = self.options
-        models = self._models()
-        pending = self.store.pending
+        models = self._models(store)
+        pending = store.pending
         X_pending = torch.stack([r.x for r in pending]) if pending else None
         objective = MarginalGP(models.objective, X_pending)  # kriging believer
-        best_f = max(float(r.objective) for r in self.store.completed)  # type: ignore[arg-type]
-        eta = self.eta
-        seed = opts.seed + 7919 * self._bo_steps
+        best_f = max(float(r.objective) for r in store.completed)  # type: ignore[arg-type]
+        eta = _eta(opts, store.budget_spent, self._spent_after_warmup)
+        seed = opts.seed + 7919 * step
 
-        cached = self._cached_prefixes(available) if opts.acquisition == "eeipu" else None
+        cached = self._cached_prefixes(store, available) if opts.acquisition == "eeipu" else None
         acqf: CostAwareLogEI
         if opts.acquisition == "eeipu":
             assert models.stage_costs is not None
@@ -444,13 +595,15 @@ class BOEngine:
             acqf = CostAwareLogEI(objective, best_f, cost=None, eta=0.0)
 
         if opts.acquisition == "eeipu":
-            top = [(r.trial_id, r.x, r.prefix_keys) for r in self.store.top(opts.top_q)]
-            pool = build_prefix_pool(
-                top, self.space.n_stages, self._prefix_dims, self._availability(available)
-            )
+            top = [(r.trial_id, r.x, r.prefix_keys) for r in store.top(opts.top_q)]
+
+            def is_available(trial_id: str, depth: int, key: str | None) -> bool:
+                return _prefix_available(store[trial_id], depth, key, available)
+
+            pool = build_prefix_pool(top, self.space.n_stages, self._prefix_dims, is_available)
         else:
             pool = [Prefix(depth=0)]
-        candidate = optimize_over_pool(
+        ranked = rank_over_pool(
             acqf,
             pool,
             self._prefix_dims,
@@ -460,39 +613,49 @@ class BOEngine:
             ),
             seed=seed,
         )
-        config = self.space.from_unit(candidate.x)
-        prefix = candidate.prefix
+        # The best candidate whose config no trial has had: re-running an
+        # evaluated config (an acquisition maximum on a boundary of the cube,
+        # say) would spend budget to learn nothing new.
+        snapped = self.space.snap(torch.stack([c.x for c in ranked]))
+        repeat = self._is_repeat(snapped, store).tolist()
+        fresh = [c for c, r in zip(ranked, repeat, strict=True) if not r]
+        if fresh:
+            candidate = fresh[0]
+            x = candidate.x
+        else:
+            logger.info(
+                "BO step %d: every optimized candidate repeats a tried config; exploring a "
+                "random point instead",
+                step,
+            )
+            candidate = None
+            x = self._random.propose(10_000 + step)
+        config = self.space.from_unit(x)
+        prefix = candidate.prefix if candidate is not None else Prefix(depth=0)
         if prefix.depth > 0 and prefix.source_trial is not None:
             # Copy the prefix's stages verbatim: a float re-decoded from the cube may
             # differ in the last bit, and then its prefix key would not match.
-            source = self.store[prefix.source_trial].config
+            source = store[prefix.source_trial].config
             for name in self.space.stage_names[: prefix.depth]:  # nested: K > 1
                 config[name] = dict(source[name])
         depth = prefix.depth
         if cached:
-            depth = max(depth, int(cached.depth(candidate.x.reshape(1, 1, -1)).item()))
+            depth = max(depth, int(cached.depth(x.reshape(1, 1, -1)).item()))
         logger.debug(
             "BO step %d: prefix depth %d (trial %s), acq %.4g, eta %.3f",
-            self._bo_steps,
+            step,
             depth,
             prefix.source_trial,
-            candidate.value,
+            candidate.value if candidate is not None else math.nan,
             eta,
         )
-        return config, depth
+        return Proposal(config, depth, prefix.source_trial, store.version)
 
-    def _availability(
-        self, available: Callable[[str], bool] | None
-    ) -> Callable[[str, int, str | None], bool]:
-        def is_available(trial_id: str, depth: int, key: str | None) -> bool:
-            record = self.store[trial_id]
-            return _prefix_available(record, depth, key, available)
-
-        return is_available
-
-    def _cached_prefixes(self, available: Callable[[str], bool] | None) -> CachedPrefixes:
+    def _cached_prefixes(
+        self, store: TrialStore, available: Callable[[str], bool] | None
+    ) -> CachedPrefixes:
         points: dict[int, list[Tensor]] = {}
-        for record in self.store:
+        for record in store:
             for depth in range(1, self.space.n_stages):
                 key = record.prefix_keys[depth - 1] if len(record.prefix_keys) >= depth else None
                 if _prefix_available(record, depth, key, available):
@@ -504,6 +667,14 @@ class BOEngine:
 # --------------------------------------------------------------------------
 # Private helpers
 # --------------------------------------------------------------------------
+
+
+def _eta(options: EngineOptions, spent: float, spent_after_warmup: float | None) -> float:
+    if options.acquisition in ("ei", "random"):
+        return 0.0
+    if options.acquisition == "eips":
+        return 1.0
+    return cost_cooling(options.budget, spent, spent_after_warmup)
 
 
 def _check_int(options: EngineOptions, name: str, minimum: int) -> None:

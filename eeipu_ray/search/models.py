@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,13 +184,53 @@ class GPFitter:
         self._states.clear()
         self._fitted_n.clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The warm-start states as plain lists (JSON-able), for checkpoints.
+
+        A restored fitter warm-starts its first fit, and skips the optimizer
+        while the data has not grown past ``refit_growth``, instead of a cold
+        fit from the priors.
+        """
+        return {
+            name: {
+                "n": self._fitted_n.get(name, 0),
+                "params": {
+                    k: {"shape": list(v.shape), "values": v.flatten().tolist()}
+                    for k, v in state.items()
+                },
+            }
+            for name, state in self._states.items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; malformed entries are skipped (cold fit)."""
+        self.forget()
+        for name, entry in state.items():
+            try:
+                params = {
+                    k: torch.tensor(v["values"], dtype=torch.double).reshape(v["shape"])
+                    for k, v in entry["params"].items()
+                }
+                n = int(entry["n"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                logger.warning("GP state %r not restored (%s); it will be fitted cold", name, exc)
+                continue
+            self._states[str(name)] = params
+            self._fitted_n[str(name)] = n
+
     def _build(
         self, X: Tensor, Y: Tensor, active: list[int], state: dict[str, Tensor] | None
     ) -> SingleTaskGP:
         covar = make_kernel(active, self.categories)
         model = SingleTaskGP(X, Y, covar_module=covar, outcome_transform=Standardize(m=1))
         if state is not None:
-            model.load_state_dict(state, strict=False)
+            try:
+                model.load_state_dict(state, strict=False)
+            except RuntimeError as exc:  # shapes from another space (a foreign checkpoint)
+                logger.warning(
+                    "GP warm-start state does not fit (%s); starting from the prior", exc
+                )
+                model = SingleTaskGP(X, Y, covar_module=covar, outcome_transform=Standardize(m=1))
         return model
 
 

@@ -136,7 +136,19 @@ def optimize_over_pool(
     options: OptimizeOptions | None = None,
     seed: int = 0,
 ) -> Candidate:
-    """Maximize ``acqf`` once per prefix of the pool; return the best candidate.
+    """The best candidate of :func:`rank_over_pool`."""
+    return rank_over_pool(acqf, pool, prefix_dims, dim, options, seed)[0]
+
+
+def rank_over_pool(
+    acqf: AcquisitionFunction,
+    pool: Sequence[Prefix],
+    prefix_dims: Sequence[Sequence[int]],
+    dim: int,
+    options: OptimizeOptions | None = None,
+    seed: int = 0,
+) -> list[Candidate]:
+    """Maximize ``acqf`` once per prefix of the pool; every restart's end point, best first.
 
     Each prefix scores scrambled-Sobol raw points (``raw_samples`` for the
     empty prefix, a share proportional to the free dimensions otherwise), its
@@ -154,8 +166,10 @@ def optimize_over_pool(
         seed: Seeds the raw samples and the choice of restarts.
 
     Returns:
-        The best :class:`Candidate`; its ``x`` is ``Tensor[d]`` with the prefix's
-        dimensions equal to the prefix's values.
+        One :class:`Candidate` per restart with a finite value, best first; each
+        ``x`` is ``Tensor[d]`` with its prefix's dimensions equal to the
+        prefix's values. The runners-up let a caller skip a candidate it cannot
+        use (one that repeats an evaluated config).
     """
     if not pool:
         raise ValueError("the prefix pool is empty; it always holds the empty prefix")
@@ -205,6 +219,11 @@ def optimize_over_pool(
     X0 = torch.cat([torch.cat(starts), owner.unsqueeze(-1)], dim=-1).unsqueeze(-2)  # b x 1 x d+1
 
     wrapped = _PoolAcquisition(acqf, fixed, template)
+    if not _has_gradient(wrapped, X0[:1]):
+        # Every free dimension is discrete (snapped to its cells): the best raw
+        # points are all there is to find; L-BFGS-B would see no gradient.
+        with torch.no_grad():
+            return _ranked(X0, wrapped(X0), owners, fixed, template, pool, dim)
     with warnings.catch_warnings(record=True) as caught:
         # L-BFGS-B stopping at the iteration limit or on a line-search failure
         # still returns its best point; say so at debug level only.
@@ -223,14 +242,41 @@ def optimize_over_pool(
             logger.debug("acquisition optimizer: %s", w.message)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return _ranked(cands, cand_vals, owners, fixed, template, pool, dim)
+
+
+def _ranked(
+    cands: Tensor,
+    cand_vals: Tensor,
+    owners: list[int],
+    fixed: Tensor,
+    template: Tensor,
+    pool: Sequence[Prefix],
+    dim: int,
+) -> list[Candidate]:
+    """The finite candidates, best first, each with its prefix's values restored."""
     cand_vals = cand_vals.reshape(-1)
     finite = torch.isfinite(cand_vals)
     if not finite.any():
         raise ValueError("the acquisition is not finite at any optimized candidate")
-    j = int(torch.where(finite, cand_vals, torch.tensor(-math.inf)).argmax())
-    i = owners[j]
-    x = torch.where(fixed[i], template[i], cands[j, 0, :dim].detach().clamp(0.0, 1.0))
-    return Candidate(x=x, prefix=pool[i], value=float(cand_vals[j]))
+    ranked = []
+    for j in cand_vals.argsort(descending=True).tolist():
+        if not finite[j]:
+            continue
+        i = owners[j]
+        x = torch.where(fixed[i], template[i], cands[j, 0, :dim].detach().clamp(0.0, 1.0))
+        ranked.append(Candidate(x=x, prefix=pool[i], value=float(cand_vals[j])))
+    return ranked
+
+
+def _has_gradient(acqf: AcquisitionFunction, X: Tensor) -> bool:
+    """Whether ``acqf`` at ``X`` depends differentiably on ``X``."""
+    X = X.detach().clone().requires_grad_(True)
+    value = acqf(X).sum()
+    if not value.requires_grad:
+        return False
+    (grad,) = torch.autograd.grad(value, X, allow_unused=True)
+    return grad is not None
 
 
 class _PoolAcquisition(AcquisitionFunction):

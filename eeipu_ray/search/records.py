@@ -20,6 +20,7 @@ charged to the budget and its finite compute costs still teach the cost GPs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -179,6 +180,9 @@ class TrialStore:
         except KeyError:
             raise TrialStateError(f"unknown trial id {trial_id!r}") from None
 
+    def get(self, trial_id: str | None, default: TrialRecord | None = None) -> TrialRecord | None:
+        return self._records.get(trial_id, default) if trial_id is not None else default
+
     def __iter__(self) -> Iterator[TrialRecord]:
         return iter(self._records.values())
 
@@ -300,6 +304,17 @@ class TrialStore:
             )
         self.version += 1
         return True
+
+    def snapshot(self) -> TrialStore:
+        """A copy whose records later mutation of this store does not reach.
+
+        Completion replaces a record's fields rather than mutating them in place,
+        so a shallow copy per record suffices; the copy keeps the version.
+        """
+        copy = TrialStore(self.stage_names, metric=self.metric, mode=self.mode)
+        copy._records = {k: dataclasses.replace(r) for k, r in self._records.items()}
+        copy.version = self.version
+        return copy
 
     def add_record(self, record: TrialRecord) -> None:
         """Insert a record as it is (checkpoint restore)."""

@@ -8,6 +8,7 @@ and checkpoints the engine's state atomically for ``Tuner.restore``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import logging
 import os
@@ -66,6 +67,13 @@ class EEIPUSearcher(Searcher):
             Tune's default for custom searchers; wrap in ``ConcurrencyLimiter``
             or set this to run trials in parallel).
         cost_key: Result key holding a plain trainable's cost.
+        lookahead: Compute the next BO proposal in a background thread as soon
+            as a suggestion is handed out, so a freed trial slot is refilled at
+            once instead of after a full acquisition optimization
+            (asynchronous BO: the proposal sees the trials running at that
+            moment as pending, not the result that frees the slot). ``None``
+            (default): on when ``max_concurrent > 1``; a sequential search
+            stays exact.
         options: Further :class:`~eeipu_ray.search.EngineOptions` (restarts,
             samples, top-Q, ...); the arguments above override its fields.
 
@@ -92,6 +100,7 @@ class EEIPUSearcher(Searcher):
         max_concurrent: int = 0,
         cost_key: str = "time_total_s",
         options: EngineOptions | None = None,
+        lookahead: bool | None = None,
     ) -> None:
         super().__init__(metric=metric, mode=mode)
         if pipeline is not None and space is not None:
@@ -117,6 +126,10 @@ class EEIPUSearcher(Searcher):
         self._pinned: set[str] = set()
         self._pending_state: dict[str, Any] | None = None
         self._n_evaluated = 0
+        self._lookahead = lookahead
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._future: concurrent.futures.Future[Any] | None = None
+        self._ready: Any = None  # a finished lookahead proposal
         if self._space is not None and metric is not None and mode is not None:
             self._build_engine()
 
@@ -187,8 +200,19 @@ class EEIPUSearcher(Searcher):
             engine.register(trial_id, config, prefix_keys_of=self._keys_of())
             return copy.deepcopy(config)
         config = engine.suggest(
-            trial_id, available_prefixes=self._available(), prefix_keys_of=self._keys_of()
+            trial_id,
+            available_prefixes=self._available(),
+            prefix_keys_of=self._keys_of(),
+            lookahead=self._take_lookahead(),
         )
+        if config is not None and self._lookahead_on():
+            compute = engine.lookahead(self._available())
+            if compute is not None:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="eeipu-lookahead"
+                    )
+                self._future = self._executor.submit(compute)
         if config is None:
             logger.info(
                 "EEIPUSearcher: budget spent (%.4g of %s); no more trials",
@@ -253,6 +277,7 @@ class EEIPUSearcher(Searcher):
 
     def _state(self) -> dict[str, Any]:
         """The versioned checkpoint: what ``save`` writes and pickling ships."""
+        self._settle()  # no fit may run while the GP states are read
         return {
             "format": CHECKPOINT_FORMAT,
             "engine": self.engine.state_dict(),
@@ -285,6 +310,7 @@ class EEIPUSearcher(Searcher):
         # Tuner pickles the searcher: ship the engine as its plain state, not
         # as fitted GPs.
         state = self.__dict__.copy()
+        state["_executor"] = state["_future"] = state["_ready"] = None
         if self._engine is not None:
             state["_pending_state"] = self._state()
             state["_engine"] = None
@@ -301,6 +327,26 @@ class EEIPUSearcher(Searcher):
     @property
     def budget_spent(self) -> float:
         return self.engine.budget_spent
+
+    def _lookahead_on(self) -> bool:
+        if self._lookahead is not None:
+            return self._lookahead
+        return self._max_concurrent > 1
+
+    def _settle(self) -> None:
+        """Wait for the lookahead in flight, if any, and keep its proposal."""
+        future, self._future = self._future, None
+        if future is None:
+            return
+        try:
+            self._ready = future.result()
+        except Exception:  # the synchronous path computes (and raises) again
+            logger.warning("EEIPUSearcher: lookahead proposal failed", exc_info=True)
+
+    def _take_lookahead(self) -> Any:
+        self._settle()
+        proposal, self._ready = self._ready, None
+        return proposal
 
     def _keys_of(self) -> Any:
         return self._pipeline.prefix_keys if self._pipeline is not None else None

@@ -1,0 +1,181 @@
+"""The engine's initial design, repeat avoidance, lookahead and warm restarts."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from ray import tune
+
+from eeipu_ray.search import BOEngine, EngineOptions, SearchSpace
+from eeipu_ray.search.design import cheap_and_diverse
+
+FAST = dict(
+    num_restarts=2,
+    raw_samples=32,
+    mc_samples=32,
+    maxiter=20,
+    fit_maxiter_cold=60,
+    fit_maxiter_warm=20,
+)
+
+
+def _space() -> SearchSpace:
+    return SearchSpace.from_tune(
+        {"prep": {"a": tune.uniform(0, 1)}, "train": {"b": tune.uniform(0, 1)}}
+    )
+
+
+def _result(config: dict, cost_scale: float = 1.0) -> dict:
+    a, b = config["prep"]["a"], config["train"]["b"]
+    # Stage 1's cost grows 150-fold across the range of `a`; the score does not
+    # care much about `a`, so a cheap design gives up little.
+    costs = [cost_scale * math.exp(5.0 * a), 1.0]
+    out = {"score": -((b - 0.4) ** 2) - 0.1 * (a - 0.5) ** 2, "memoized_stages": 0}
+    for s, c in zip(("prep", "train"), costs, strict=True):
+        out[f"stage_costs/{s}"] = c
+        out[f"compute_costs/{s}"] = c
+    return out
+
+
+def _run_warmup(design: str, n: int = 12, seed: int = 0) -> list[float]:
+    engine = BOEngine(
+        _space(),
+        EngineOptions(n_warmup=n, warmup_design=design, seed=seed, acquisition="eeipu", **FAST),
+    )
+    costs = []
+    for i in range(n):
+        config = engine.suggest(f"t{i}")
+        assert engine.store[f"t{i}"].phase == "warmup"
+        result = _result(config)
+        engine.on_result(f"t{i}", result)
+        costs.append(result["stage_costs/prep"] + result["stage_costs/train"])
+    xs = torch.stack([r.x for r in engine.records])
+    gaps = torch.pdist(xs)
+    assert float(gaps.min()) > 1e-3, "the design repeated a point"
+    return costs
+
+
+def test_cheap_warmup_spends_less_than_sobol_and_stays_diverse() -> None:
+    cheap, sobol = [], []
+    for seed in range(3):
+        cheap += _run_warmup("cheap", seed=seed)[2:]  # the first two are Sobol in both
+        sobol += _run_warmup("sobol", seed=seed)[2:]
+    assert sum(cheap) < 0.6 * sum(sobol), (sum(cheap), sum(sobol))
+
+
+def test_auto_design_is_cheap_for_cost_aware_methods_only() -> None:
+    assert BOEngine(_space(), EngineOptions(acquisition="eeipu"))._warmup_design() == "cheap"
+    assert BOEngine(_space(), EngineOptions(acquisition="carbo"))._warmup_design() == "cheap"
+    assert BOEngine(_space(), EngineOptions(acquisition="ei"))._warmup_design() == "sobol"
+    assert BOEngine(_space(), EngineOptions(acquisition="eips"))._warmup_design() == "sobol"
+
+
+def test_cheap_and_diverse_alternates_cost_and_novelty() -> None:
+    cands = torch.tensor([[0.0], [0.02], [0.5], [0.9], [1.0]], dtype=torch.double)
+    seen = torch.tensor([[0.0]], dtype=torch.double)
+    # Equal costs: novelty decides (the most expensive round drops the last tie).
+    flat = torch.zeros(5, dtype=torch.double)
+    assert cheap_and_diverse(cands, seen, flat) in (2, 3)
+    # The far points are expensive: a middle one survives.
+    cost = torch.tensor([0.0, 0.0, 1.0, 9.0, 9.0], dtype=torch.double)
+    assert cheap_and_diverse(cands, seen, cost) == 2
+    with pytest.raises(ValueError, match="shape"):
+        cheap_and_diverse(cands, seen, torch.zeros(3))
+    with pytest.raises(ValueError, match="no candidates"):
+        cheap_and_diverse(cands[:0], seen, torch.zeros(0))
+
+
+def test_add_evaluated_counts_towards_the_warmup() -> None:
+    engine = BOEngine(_space(), EngineOptions(n_warmup=3, **FAST))
+    for i in range(3):
+        x = torch.tensor([0.2 + 0.3 * i, 0.1 + 0.3 * i], dtype=torch.double)
+        config = engine.space.from_unit(x)
+        engine.add_evaluated(f"given{i}", config, _result(config))
+    assert engine.next_is_bo()
+    engine.suggest("t0")
+    assert engine.store["t0"].phase == "bo"
+
+
+def test_bo_does_not_repeat_a_config_at_the_boundary() -> None:
+    # The optimum sits on the cube's corner (x = 1, c = "a"): EI's maximizer
+    # lands there again and again once it was tried (measured: three repeats in
+    # eight trials without the check).
+    space = SearchSpace.from_tune(
+        {"s": {"x": tune.uniform(0, 1)}, "t": {"c": tune.choice(["a", "b"])}}
+    )
+    engine = BOEngine(space, EngineOptions(acquisition="ei", n_warmup=2, seed=1, **FAST))
+    seen = []
+    for i in range(8):
+        config = engine.suggest(f"t{i}")
+        seen.append((config["s"]["x"], config["t"]["c"]))
+        score = 3 * config["s"]["x"] + (config["t"]["c"] == "a")
+        engine.on_result(f"t{i}", {"score": score, "total_cost": 1.0})
+    assert (1.0, "a") in seen
+    assert len(set(seen)) == len(seen), seen
+
+
+def test_an_all_discrete_space_is_optimized_without_gradients() -> None:
+    space = SearchSpace.from_tune({"s": {"c": tune.choice([0, 1, 2, 3, 4, 5])}})
+    engine = BOEngine(space, EngineOptions(acquisition="ei", n_warmup=2, seed=1, **FAST))
+    seen = []
+    for i in range(6):
+        config = engine.suggest(f"t{i}")
+        seen.append(config["s"]["c"])
+        engine.on_result(f"t{i}", {"score": -abs(config["s"]["c"] - 2), "total_cost": 1.0})
+    assert sorted(seen) == [0, 1, 2, 3, 4, 5], seen
+
+
+def _engine_after_bo(**kwargs) -> BOEngine:
+    engine = BOEngine(_space(), EngineOptions(n_warmup=4, seed=3, **{**FAST, **kwargs}))
+    for i in range(7):
+        config = engine.suggest(f"t{i}")
+        engine.on_result(f"t{i}", _result(config))
+    return engine
+
+
+def test_restored_engine_warm_starts_its_gps_and_proposes_the_same_point() -> None:
+    engine = _engine_after_bo()
+    state = engine.state_dict()
+    assert set(state["gp"]) >= {"objective", "cost/0", "cost/1"}
+    clone = BOEngine(_space(), engine.options)
+    clone.load_state_dict(state)
+    a, b = engine.suggest("next"), clone.suggest("next")
+    assert a == b
+    # A checkpoint without GP state (older format) still loads: cold fits.
+    clone2 = BOEngine(_space(), engine.options)
+    clone2.load_state_dict({k: v for k, v in state.items() if k != "gp"})
+    assert isinstance(clone2.suggest("next"), dict)
+
+
+def test_lookahead_runs_in_a_thread_on_a_snapshot() -> None:
+    engine = BOEngine(_space(), EngineOptions(n_warmup=4, seed=5, **FAST))
+    assert engine.lookahead() is None  # warm-up: nothing to look ahead to
+    for i in range(4):
+        config = engine.suggest(f"w{i}")
+        engine.on_result(f"w{i}", _result(config))
+    running = engine.suggest("r0")  # a trial in flight
+    compute = engine.lookahead()
+    assert compute is not None
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.setdefault("p", compute()))
+    worker.start()
+    engine.on_result("r0", _result(running))  # a result lands meanwhile
+    worker.join(timeout=120)
+    proposal = box["p"]
+    assert proposal.version < engine.store.version  # computed before the result
+    config = engine.suggest("r1", lookahead=proposal)
+    assert config == proposal.config and engine.store["r1"].phase == "bo"
+
+
+def test_a_lookahead_that_repeats_a_config_is_dropped() -> None:
+    engine = _engine_after_bo()
+    compute = engine.lookahead()
+    assert compute is not None
+    proposal = compute()
+    # The same config was suggested meanwhile (by another path): do not repeat it.
+    engine.register("dup", proposal.config)
+    config = engine.suggest("next", lookahead=proposal)
+    assert config is not None and config != proposal.config
