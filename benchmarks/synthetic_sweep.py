@@ -128,7 +128,7 @@ def run_one(
     cache = PrefixCache(rundir / "cache")  # fresh per run
     budget = args.budget
     if args.budget_after_warmup:
-        budget += warmup_cost(pipeline, seed, args.warmup)
+        budget += warmup_cost(pipeline, seed, args.warmup, method, engine_options(args.fast))
     common: dict[str, Any] = {
         "metric": "score",
         "mode": "max",
@@ -189,18 +189,32 @@ def run_one(
     return row
 
 
-def warmup_cost(pipeline: Any, seed: int, n_warmup: int) -> float:
-    """Declared cost of the engine's warm-up design for ``seed`` (deterministic: a
-    scrambled Sobol sequence; its points share no prefix, so nothing is loaded)."""
+def warmup_cost(pipeline: Any, seed: int, n_warmup: int, method: str, options: Any) -> float:
+    """Declared cost of the engine's warm-up design for ``seed`` and ``method``.
+
+    The design is deterministic given the results (Sobol points; the cheap
+    design of EEIPU / CArBO also looks at the costs reported so far), so the
+    engine is replayed with the pipeline's declared costs, in-process. Its
+    points share no prefix (continuous coordinates), so nothing is loaded.
+    """
     from dataclasses import replace
 
-    from eeipu_ray.search import BOEngine, EngineOptions, SearchSpace
-    from eeipu_ray.search.synthetic import synthetic_stage_costs
+    from eeipu_ray.search import BOEngine, SearchSpace
+    from eeipu_ray.search.synthetic import synthetic_objective, synthetic_stage_costs
 
     space = SearchSpace.from_tune(pipeline.search_space, stage_order=pipeline.stage_names)
-    engine = BOEngine(space, replace(EngineOptions(), n_warmup=n_warmup, seed=seed))
-    configs = [engine.suggest(f"warmup{i}") for i in range(n_warmup)]
-    return math.fsum(math.fsum(synthetic_stage_costs(c)) for c in configs if c is not None)
+    engine = BOEngine(space, replace(options, acquisition=method, n_warmup=n_warmup, seed=seed))
+    total = 0.0
+    for i in range(n_warmup):
+        config = engine.suggest(f"warmup{i}")
+        assert config is not None
+        costs = synthetic_stage_costs(config)
+        result = {"score": synthetic_objective(config), "memoized_stages": 0}
+        for name, cost in zip(pipeline.stage_names, costs, strict=True):
+            result[f"stage_costs/{name}"] = result[f"compute_costs/{name}"] = cost
+        engine.on_result(f"warmup{i}", result)
+        total += math.fsum(costs)
+    return total
 
 
 def _median_roundtrip(events: list[tuple[str, float, float]]) -> float | None:
