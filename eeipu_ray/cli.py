@@ -43,6 +43,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         object_store=args.object_store,
         byte_budget=_parse_size(args.cache_budget) if args.cache_budget else None,
     )
+    if args.max_concurrent > 1:
+        # Tune lets a searcher have one trial waiting for resources at a time
+        # unless told otherwise; W concurrent trials need W to start together.
+        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(args.max_concurrent))
     if args.address:
         ray.init(address=args.address)
     else:

@@ -63,17 +63,19 @@ class EEIPUSearcher(Searcher):
         points_to_evaluate: Configs to try first.
         n_warmup: Initial design size.
         seed: Seeds the initial design and the optimizer.
-        max_concurrent: Trials suggested at once (0: one at a time, which is
-            Tune's default for custom searchers; wrap in ``ConcurrencyLimiter``
-            or set this to run trials in parallel).
+        max_concurrent: Most trials running at once (0: no limit of its own;
+            Tune then starts trials as resources allow, one pending at a time
+            unless ``TUNE_MAX_PENDING_TRIALS_PG`` says more). ``ConcurrencyLimiter``
+            sets it too.
         cost_key: Result key holding a plain trainable's cost.
         lookahead: Compute the next BO proposal in a background thread as soon
             as a suggestion is handed out, so a freed trial slot is refilled at
             once instead of after a full acquisition optimization
             (asynchronous BO: the proposal sees the trials running at that
             moment as pending, not the result that frees the slot). ``None``
-            (default): on when ``max_concurrent > 1``; a sequential search
-            stays exact.
+            (default): on when ``max_concurrent > 1``, or with no limit
+            (``0``) whenever more than one trial is running; a sequential
+            search (``max_concurrent=1``) stays exact.
         options: Further :class:`~eeipu_ray.search.EngineOptions` (restarts,
             samples, top-Q, ...); the arguments above override its fields.
 
@@ -331,7 +333,10 @@ class EEIPUSearcher(Searcher):
     def _lookahead_on(self) -> bool:
         if self._lookahead is not None:
             return self._lookahead
-        return self._max_concurrent > 1
+        if self._max_concurrent == 1:
+            return False
+        # No limit given: trials run side by side when more than one is in flight.
+        return self._max_concurrent > 1 or len(self.engine.store.pending) > 1
 
     def _settle(self) -> None:
         """Wait for the lookahead in flight, if any, and keep its proposal."""

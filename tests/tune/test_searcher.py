@@ -152,6 +152,34 @@ def test_parallel_suggestions_are_distinct_and_pending_prefixes_count() -> None:
     assert searcher.suggest("p4") is None  # at the concurrency limit: wait
 
 
+def test_lookahead_refills_a_slot_with_a_proposal_computed_while_trials_ran(
+    tmp_path: Path,
+) -> None:
+    pipeline = load_pipeline("synthetic")
+    sequential = make_searcher(pipeline, None, budget=1000.0, max_concurrent=1)
+    searcher = make_searcher(pipeline, None, budget=1000.0, max_concurrent=4)
+    for s in (sequential, searcher):
+        for i in range(5):
+            config = s.suggest(f"w{i}")
+            s.on_trial_complete(f"w{i}", result=pipeline.run(config).to_result("score"))
+    assert isinstance(sequential.suggest("p0"), dict)
+    assert sequential._future is None  # one at a time: every proposal sees every result
+
+    first = searcher.suggest("p0")
+    assert isinstance(first, dict)
+    assert searcher._future is not None  # the next proposal is being computed
+    searcher.save(str(tmp_path / "ckpt.pkl"))  # waits for it, keeps it
+    ahead = searcher._ready
+    assert ahead is not None and searcher._future is None
+    searcher.on_trial_complete("p0", result=pipeline.run(first).to_result("score"))
+    second = searcher.suggest("p1")
+    assert second == ahead.config
+    assert searcher.engine.store["p1"].phase == "bo"
+    restored = make_searcher(pipeline, None, budget=1000.0, max_concurrent=4)
+    restored.restore(str(tmp_path / "ckpt.pkl"))
+    assert [r.trial_id for r in restored.engine.records][-1] == "p0"
+
+
 def test_add_evaluated_point_and_errors_name_the_problem() -> None:
     pipeline = load_pipeline("synthetic")
     searcher = make_searcher(pipeline, None)
