@@ -487,6 +487,9 @@ class BOEngine:
         candidates = self.space.sobol(m, seed=self.options.seed, skip=self._n_warmup_drawn)
         self._n_warmup_drawn += m
         candidates = self.space.snap(candidates)  # cells, as the configs will be
+        new = ~self._is_repeat(candidates, self.store)
+        if new.any():
+            candidates = candidates[new]
         seen = torch.stack([r.x for r in self.store])
         pick = cheap_and_diverse(candidates, seen, self._predicted_log_cost(candidates, available))
         return candidates[pick]
