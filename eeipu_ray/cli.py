@@ -179,11 +179,15 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from eeipu_ray.pipelines import BUILTIN
+
     parser = argparse.ArgumentParser(prog="eeipu-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="sweep a pipeline on Ray Tune with the prefix cache")
-    run.add_argument("pipeline", help="built-in pipeline name (regression) or module:object")
+    run.add_argument(
+        "pipeline", help=f"built-in pipeline ({', '.join(sorted(BUILTIN))}) or module:object"
+    )
     run.add_argument(
         "--searcher",
         default="eeipu",
