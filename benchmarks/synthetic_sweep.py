@@ -99,12 +99,16 @@ def _timed_searcher_class() -> type:
     return TimedSearcher
 
 
-def engine_options(fast: bool) -> Any:
+def engine_options(args: argparse.Namespace) -> Any:
     from eeipu_ray.search import EngineOptions
 
-    if fast:  # smoke runs: a small optimizer
-        return EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20)
-    return EngineOptions()  # 10 restarts, 512 raw samples per prefix, as the reference
+    design = {
+        "warmup_design": args.warmup_design,
+        "warmup_candidates": args.warmup_candidates,
+    }
+    if args.fast:  # smoke runs: a small optimizer
+        return EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20, **design)
+    return EngineOptions(**design)  # 10 restarts, 512 raw samples, as the reference
 
 
 def run_one(
@@ -128,7 +132,7 @@ def run_one(
     cache = PrefixCache(rundir / "cache")  # fresh per run
     budget = args.budget
     if args.budget_after_warmup:
-        budget += warmup_cost(pipeline, seed, args.warmup, method, engine_options(args.fast))
+        budget += warmup_cost(pipeline, seed, args.warmup, method, engine_options(args))
     common: dict[str, Any] = {
         "metric": "score",
         "mode": "max",
@@ -138,7 +142,7 @@ def run_one(
         "n_warmup": args.warmup,
         "seed": seed,
         "max_concurrent": workers,
-        "options": engine_options(args.fast),
+        "options": engine_options(args),
     }
     searcher = _timed_searcher_class()(pipeline, run_name=name, **common)
     # Tune lets a custom searcher have one PENDING trial unless told otherwise;
@@ -371,7 +375,9 @@ def write_results(
         "",
         f"Settings: budget {settings['budget']} cost units"
         + (" after the warm-up" if settings.get("budget_after_warmup") else " (warm-up included)")
-        + f", {settings['warmup']} warm-up points, "
+        + f", {settings['warmup']} warm-up points"
+        + f" (design {settings.get('warmup_design', 'auto')}, "
+        + f"{settings.get('warmup_candidates', 16)} candidates), "
         + (
             f"stages sleep {settings['time_scale']:g} s per cost unit, "
             if settings.get("time_scale")
@@ -420,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help=">1: parallel mode (1 vs W workers)")
     ap.add_argument("--time-scale", type=float, default=0.0, help="seconds of sleep per cost unit")
     ap.add_argument("--fast", action="store_true", help="small optimizer (smoke runs)")
+    ap.add_argument(
+        "--warmup-design",
+        default="auto",
+        choices=("auto", "sobol", "cheap"),
+        help="EngineOptions.warmup_design",
+    )
+    ap.add_argument("--warmup-candidates", type=int, default=16)
     ap.add_argument("--tune-defaults", action="store_true", help="Tune's defaults (no actor reuse)")
     ap.add_argument("--keep", action="store_true", help="keep the experiment directories")
     ap.add_argument("--append", action="store_true", help="add to the rows already in OUT.json")
@@ -459,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "fast": args.fast,
         "tune_defaults": args.tune_defaults,
+        "warmup_design": args.warmup_design,
+        "warmup_candidates": args.warmup_candidates,
         "time_scale": args.time_scale,
         "budget_after_warmup": args.budget_after_warmup,
     }
