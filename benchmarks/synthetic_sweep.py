@@ -376,7 +376,7 @@ def write_results(
         f"Settings: budget {settings['budget']} cost units"
         + (" after the warm-up" if settings.get("budget_after_warmup") else " (warm-up included)")
         + f", {settings['warmup']} warm-up points"
-        + f" (design {settings.get('warmup_design', 'auto')}, "
+        + f" (design {settings.get('warmup_design', 'sobol')}, "
         + f"{settings.get('warmup_candidates', 16)} candidates), "
         + (
             f"stages sleep {settings['time_scale']:g} s per cost unit, "
@@ -428,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast", action="store_true", help="small optimizer (smoke runs)")
     ap.add_argument(
         "--warmup-design",
-        default="auto",
-        choices=("auto", "sobol", "cheap"),
+        default="sobol",
+        choices=("sobol", "cheap"),
         help="EngineOptions.warmup_design",
     )
     ap.add_argument("--warmup-candidates", type=int, default=16)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from ray import tune
 
-from eeipu_ray.search import BOEngine, EngineOptions, SearchSpace
+from eeipu_ray.search import BOEngine, EngineOptions, EngineOptionsError, SearchSpace
 from eeipu_ray.search.design import cheap_and_diverse
 
 FAST = dict(
@@ -66,11 +66,12 @@ def test_cheap_warmup_spends_less_than_sobol_and_stays_diverse() -> None:
     assert sum(cheap) < 0.6 * sum(sobol), (sum(cheap), sum(sobol))
 
 
-def test_auto_design_is_cheap_for_cost_aware_methods_only() -> None:
-    assert BOEngine(_space(), EngineOptions(acquisition="eeipu"))._warmup_design() == "cheap"
-    assert BOEngine(_space(), EngineOptions(acquisition="carbo"))._warmup_design() == "cheap"
-    assert BOEngine(_space(), EngineOptions(acquisition="ei"))._warmup_design() == "sobol"
-    assert BOEngine(_space(), EngineOptions(acquisition="eips"))._warmup_design() == "sobol"
+def test_warmup_design_option_is_checked() -> None:
+    assert EngineOptions().warmup_design == "sobol"
+    with pytest.raises(EngineOptionsError, match="warmup_design"):
+        EngineOptions(warmup_design="lhs")
+    with pytest.raises(EngineOptionsError, match="warmup_candidates"):
+        EngineOptions(warmup_candidates=0)
 
 
 def test_cheap_and_diverse_alternates_cost_and_novelty() -> None:
