@@ -11,15 +11,7 @@ from ray import tune
 
 from eeipu_ray.search import BOEngine, EngineOptions, EngineOptionsError, SearchSpace
 from eeipu_ray.search.design import cheap_and_diverse
-
-FAST = dict(
-    num_restarts=2,
-    raw_samples=32,
-    mc_samples=32,
-    maxiter=20,
-    fit_maxiter_cold=60,
-    fit_maxiter_warm=20,
-)
+from tests.search.test_engine import FAST
 
 
 def _space() -> SearchSpace:
