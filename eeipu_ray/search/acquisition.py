@@ -390,6 +390,22 @@ def _log_expected_inverse_cost(log_costs: Tensor, delta: Tensor, load_costs: Ten
     Returns:
         ``Tensor[batch_shape]``.
     """
+    total = suffix_cost(log_costs, delta, load_costs)  # mc x batch
+    return torch.log(torch.reciprocal(total.clamp_min(1e-300)).mean(0))
+
+
+def suffix_cost(log_costs: Tensor, delta: Tensor, load_costs: Tensor) -> Tensor:
+    r"""``eps(delta) + sum_{k >= delta} exp(L_k)``: what running a point costs when
+    its first ``delta`` stages are loaded.
+
+    Args:
+        log_costs: ``... x batch_shape x K`` log stage costs ``L``.
+        delta: ``LongTensor[batch_shape]``, cached stages per point.
+        load_costs: ``Tensor[K]``, ``eps``.
+
+    Returns:
+        ``Tensor[... x batch_shape]``.
+    """
     n_stages = log_costs.shape[-1]
     stage = torch.arange(n_stages, device=log_costs.device)
     computed = (stage >= delta.unsqueeze(-1)).to(log_costs.dtype)  # batch x K
@@ -398,5 +414,4 @@ def _log_expected_inverse_cost(log_costs: Tensor, delta: Tensor, load_costs: Ten
     # log costs below ~700 (costs below 1e300 units).
     costs = torch.exp(log_costs.clamp(max=700.0)) * computed  # loaded stages: 0
     eps = torch.where(delta > 0, load_costs[delta], torch.zeros_like(load_costs[delta]))
-    total = costs.sum(-1) + eps  # mc x batch
-    return torch.log(torch.reciprocal(total.clamp_min(1e-300)).mean(0))
+    return costs.sum(-1) + eps

@@ -38,6 +38,7 @@ from eeipu_ray.search.acquisition import (
     LogEIPS,
     RandomProposer,
     cost_cooling,
+    suffix_cost,
 )
 from eeipu_ray.search.design import cheap_and_diverse
 from eeipu_ray.search.errors import EngineOptionsError, EngineStateError, TrialStateError
@@ -501,11 +502,7 @@ class BOEngine:
                 mu = mu.squeeze(-2)  # m x K
                 cached = self._cached_prefixes(self.store, available)
                 delta = cached.depth(X) if cached else torch.zeros(X.shape[0], dtype=torch.long)
-                stage = torch.arange(mu.shape[-1])
-                costs = torch.exp(mu) * (stage >= delta.unsqueeze(-1))
-                total = costs.sum(-1) + torch.where(
-                    delta > 0, models.load_costs[delta], torch.zeros(())
-                )
+                total = suffix_cost(mu, delta, models.load_costs)
                 return torch.log(total.clamp_min(1e-300))
             assert models.total_cost is not None
             return models.total_cost.posterior(X.unsqueeze(-2)).mean.reshape(-1)
