@@ -516,7 +516,9 @@ class BOEngine:
                 list(store),
                 self._stage_dims,
                 need_stage_costs=acq == "eeipu",
-                need_total_cost=acq in ("eips", "carbo"),
+                # EI has no cost model of its own; a cheap warm-up needs one.
+                need_total_cost=acq in ("eips", "carbo")
+                or (acq == "ei" and self.options.warmup_design == "cheap"),
                 upstream=self.options.cost_model_upstream,
                 load_prior=self.options.load_cost_prior,
             )

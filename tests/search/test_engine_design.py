@@ -58,6 +58,18 @@ def test_cheap_warmup_spends_less_than_sobol_and_stays_diverse() -> None:
     assert sum(cheap) < 0.6 * sum(sobol), (sum(cheap), sum(sobol))
 
 
+def test_cheap_warmup_works_with_every_acquisition() -> None:
+    for acquisition in ("eeipu", "ei", "eips", "carbo"):
+        engine = BOEngine(
+            _space(),
+            EngineOptions(acquisition=acquisition, warmup_design="cheap", n_warmup=4, **FAST),
+        )
+        for i in range(5):
+            config = engine.suggest(f"t{i}")
+            engine.on_result(f"t{i}", _result(config))
+        assert [r.phase for r in engine.records] == ["warmup"] * 4 + ["bo"], acquisition
+
+
 def test_warmup_design_option_is_checked() -> None:
     assert EngineOptions().warmup_design == "sobol"
     with pytest.raises(EngineOptionsError, match="warmup_design"):
