@@ -1,4 +1,4 @@
-"""The paper-compatible synthetic pipeline, and EEIPU vs EI on it (no Ray)."""
+"""The synthetic layouts (paper, front4, back5), and EEIPU vs EI on the paper's (no Ray)."""
 
 from __future__ import annotations
 
@@ -7,28 +7,74 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from botorch.test_functions import Beale, Branin, Hartmann
+from botorch.test_functions import (
+    Ackley,
+    Beale,
+    Branin,
+    DixonPrice,
+    Griewank,
+    Hartmann,
+    Levy,
+    Rastrigin,
+    Rosenbrock,
+    SixHumpCamel,
+    StyblinskiTang,
+    ThreeHumpCamel,
+)
 
 from eeipu_ray.search import BOEngine, EngineOptions, SearchSpace
 from eeipu_ray.search.synthetic import (
+    LAYOUTS,
     STAGE_BOUNDS,
+    STAGE_COST_TERMS,
+    STAGE_KEYS,
     STAGES,
+    Layout,
+    SyntheticStage,
+    ackley,
     beale,
     branin,
+    dixon_price,
+    get_layout,
+    griewank,
     hartmann3,
+    levy,
+    logistic10,
+    rastrigin,
+    rosenbrock,
+    six_hump_camel,
     stage_cost,
+    stage_term,
+    stage_values,
+    styblinski_tang,
     synthetic_objective,
     synthetic_space,
     synthetic_stage_costs,
+    three_hump_camel,
 )
 
 LOAD_COST = 0.1  # what loading one cached stage is charged
 
 
+# Ours -> BoTorch's, at the dimension the layouts use.
+BOTORCH = {
+    beale: Beale(),
+    hartmann3: Hartmann(dim=3),
+    branin: Branin(),
+    rosenbrock: Rosenbrock(dim=2),
+    levy: Levy(dim=3),
+    six_hump_camel: SixHumpCamel(),
+    ackley: Ackley(dim=3),
+    rastrigin: Rastrigin(dim=2),
+    dixon_price: DixonPrice(dim=3),
+    three_hump_camel: ThreeHumpCamel(),
+    styblinski_tang: StyblinskiTang(dim=2),
+    griewank: Griewank(dim=3),
+}
+
+
 @pytest.mark.parametrize(
-    ("ours", "theirs"),
-    [(beale, Beale()), (hartmann3, Hartmann(dim=3)), (branin, Branin())],
-    ids=["beale", "hartmann3", "branin"],
+    ("ours", "theirs"), list(BOTORCH.items()), ids=[f.__name__ for f in BOTORCH]
 )
 def test_formulas_match_botorch_inside_its_domain(ours, theirs):
     lo, hi = theirs.bounds
@@ -70,6 +116,194 @@ def test_space_bounds():
     config = space.from_unit(torch.ones(7, dtype=torch.double))
     for stage, (_, hi) in zip(STAGES, STAGE_BOUNDS, strict=True):
         assert all(v == hi for v in config[stage].values())
+
+
+@pytest.mark.parametrize("ours", [rosenbrock, levy, ackley, rastrigin, dixon_price, griewank])
+def test_any_dimension_formulas_match_botorch_at_other_dimensions(ours):
+    for dim in (2, 4):
+        theirs = type(BOTORCH[ours])(dim=dim)
+        lo, hi = theirs.bounds
+        X = lo + (hi - lo) * torch.rand(
+            50, dim, generator=torch.Generator().manual_seed(dim), dtype=torch.double
+        )
+        assert torch.allclose(ours(X), theirs.evaluate_true(X), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ layouts
+
+NEW_LAYOUTS = ["front4", "back5"]
+
+
+def _random_configs(layout: Layout, n: int, seed: int) -> list[dict[str, dict[str, float]]]:
+    space = SearchSpace.from_tune(synthetic_space(layout), stage_order=layout.stage_names)
+    return [space.from_unit(x) for x in space.sample(n, seed=seed)]
+
+
+def test_paper_layout_keeps_the_historical_tables():
+    paper = get_layout("paper")
+    assert paper is LAYOUTS["paper"]
+    assert (STAGES, STAGE_KEYS, STAGE_BOUNDS) == (
+        ("stage1", "stage2", "stage3"),
+        (("x1", "x2"), ("x1", "x2", "x3"), ("x1", "x2")),
+        ((-2.0, 2.0), (-2.0, 2.0), (0.0, 10.0)),
+    )
+    assert [[(g.__name__, s, t) for g, s, t in terms] for terms in STAGE_COST_TERMS] == [
+        [("_square", 18.0, 12.0), ("sin", 7.0, 26.0)],
+        [("sin", 19.0, 39.0), ("sin", 16.0, 39.0), ("sin", 16.0, 20.0)],
+        [("cos", 11.0, 11.0), ("cos", 15.0, 36.0)],
+    ]
+    assert paper.cost_terms == STAGE_COST_TERMS
+    assert [(s.term, s.term_scale) for s in paper.stages] == [
+        (beale, 1.0),
+        (hartmann3, 1.0),
+        (branin, 1.0),
+    ]
+
+
+@pytest.mark.parametrize("name", NEW_LAYOUTS)
+def test_new_layout_terms_are_botorch_functions_inside_their_domains(name):
+    layout = get_layout(name)
+    generator = torch.Generator().manual_seed(1)
+    for k, stage in enumerate(layout.stages):
+        theirs = BOTORCH[stage.term]
+        assert theirs.dim == len(stage.keys)
+        lo, hi = stage.bounds
+        for d_lo, d_hi in theirs._bounds:  # the stage's box lies in BoTorch's domain
+            assert d_lo <= lo < hi <= d_hi
+        X = lo + (hi - lo) * torch.rand(20, theirs.dim, generator=generator, dtype=torch.double)
+        expected = stage.term_scale * theirs.evaluate_true(X)
+        got = [stage_term(k, x.tolist(), layout) for x in X]
+        assert got == pytest.approx(expected.tolist(), rel=1e-6, abs=1e-6)
+
+
+def test_front4_objective_and_costs_by_hand():
+    config = {
+        "stage1": {"x1": 1.5, "x2": -0.5},
+        "stage2": {"x1": 3.0, "x2": -7.0, "x3": 0.25},
+        "stage3": {"x1": -1.0, "x2": 0.5},
+        "stage4": {"x1": 2.0, "x2": -0.1, "x3": 4.0},
+    }
+    h = [torch.tensor(v, dtype=torch.double) for v in stage_values(config, "front4")]
+    expected = (
+        -float(rosenbrock(h[0])) / 20 - float(levy(h[1])) - float(six_hump_camel(h[2]))
+    ) - float(ackley(h[3]))
+    assert synthetic_objective(config, "front4") == pytest.approx(expected, rel=1e-12)
+    # Rosenbrock(1.5, -0.5) = 100 (-0.5 - 2.25)^2 + 0.5^2
+    assert stage_term(0, [1.5, -0.5], "front4") == pytest.approx((756.25 + 0.25) / 20)
+
+    def lg(x: float) -> float:
+        return 1 / (1 + math.exp(-10 * x))
+
+    c1 = ((15 * 1.5**2 + 9) ** 2 + (40 * lg(-0.5) + 12) ** 2) / (500 * 2)
+    c2 = (
+        (6 * math.sin(3.0) + 14) ** 2 + (5 * math.cos(-7.0) + 13) ** 2 + (8 * lg(0.25) + 10) ** 2
+    ) / (500 * 3)
+    c3 = ((6 * math.cos(-1.0) + 12) ** 2 + (3 * 0.5**2 + 11) ** 2) / (500 * 2)
+    c4 = (
+        (7 * math.sin(2.0) + 14) ** 2 + (9 * lg(-0.1) + 10) ** 2 + (5 * math.cos(4.0) + 13) ** 2
+    ) / (500 * 3)
+    assert synthetic_stage_costs(config, "front4") == pytest.approx([c1, c2, c3, c4])
+
+
+def test_back5_objective_is_minus_the_sum_of_scaled_terms():
+    config = _random_configs(get_layout("back5"), 1, seed=3)[0]
+    h = [torch.tensor(v, dtype=torch.double) for v in stage_values(config, "back5")]
+    expected = -(
+        float(rastrigin(h[0]))
+        + float(dixon_price(h[1])) / 4
+        + float(three_hump_camel(h[2]))
+        + float(styblinski_tang(h[3])) / 2
+        + 10 * float(griewank(h[4]))
+    )
+    assert synthetic_objective(config, "back5") == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("name", "dims"), [("paper", [2, 3, 2]), ("front4", [2, 3, 2, 3]), ("back5", [2, 3, 2, 2, 3])]
+)
+def test_layout_spaces(name, dims):
+    layout = get_layout(name)
+    space = SearchSpace.from_tune(synthetic_space(name), stage_order=layout.stage_names)
+    assert [len(space.dims_of_stage(k)) for k in range(len(dims))] == dims
+    for corner, pick in ((torch.zeros, 0), (torch.ones, 1)):
+        config = space.from_unit(corner(space.dim, dtype=torch.double))
+        for stage in layout.stages:
+            assert all(v == stage.bounds[pick] for v in config[stage.name].values())
+
+
+@pytest.mark.parametrize(("name", "dominant"), [("front4", 0), ("back5", 4)])
+def test_cost_dominance_and_typical_total(name, dominant):
+    layout = get_layout(name)
+    configs = _random_configs(layout, 256, seed=0)
+    costs = torch.tensor([synthetic_stage_costs(c, name) for c in configs], dtype=torch.double)
+    means = costs.mean(0)
+    total = float(means.sum())
+    print(f"{name}: mean stage costs {[round(float(m), 3) for m in means]}, total {total:.3f}")
+    assert int(means.argmax()) == dominant
+    assert 0.55 < float(means[dominant]) / total < 0.75
+    assert 3.0 < total < 5.0  # 200 units buy ~40-70 trials
+    assert bool((costs > 0).all())
+    # The dominant stage's cost varies a lot across configurations (something to exploit).
+    assert float(costs[:, dominant].max() / costs[:, dominant].min()) > 10.0
+
+
+@pytest.mark.parametrize("name", ["paper", *NEW_LAYOUTS])
+def test_test_function_terms_have_comparable_scales(name):
+    layout = get_layout(name)
+    values = torch.tensor(
+        [
+            [stage_term(k, v, layout) for k, v in enumerate(stage_values(c, layout))]
+            for c in _random_configs(layout, 256, seed=2)
+        ],
+        dtype=torch.double,
+    )
+    spread = values.abs().mean(0)
+    print(f"{name}: mean |term| per stage {[round(float(s), 2) for s in spread]}")
+    if name != "paper":  # the paper's Hartmann3 is ~0 outside its domain
+        assert bool(((spread > 2.0) & (spread < 60.0)).all())
+
+
+def test_logistic10():
+    assert logistic10(0.0) == 0.5
+    assert logistic10(0.3) == pytest.approx(1 / (1 + math.exp(-3.0)))
+    assert logistic10(-0.3) == pytest.approx(1 - logistic10(0.3))
+    assert logistic10(-1000.0) == 0.0 and logistic10(1000.0) == 1.0  # no OverflowError
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: synthetic_space("nope"),
+        lambda: synthetic_objective({}, "nope"),
+        lambda: synthetic_stage_costs({}, "nope"),
+        lambda: stage_cost(0, [0.0, 0.0], "nope"),
+        lambda: get_layout("nope"),
+    ],
+)
+def test_unknown_layout_names_the_value_and_the_known_layouts(call):
+    with pytest.raises(ValueError, match=r"unknown synthetic layout 'nope'.*'back5', 'front4'"):
+        call()
+
+
+def test_layout_validation():
+    with pytest.raises(ValueError, match="1 cost terms for 2 hyperparameters"):
+        SyntheticStage("s", ("x1", "x2"), (0.0, 1.0), branin, ((math.cos, 1.0, 1.0),))
+    with pytest.raises(ValueError, match="finite lo < hi"):
+        SyntheticStage("s", ("x1",), (1.0, 1.0), branin, ((math.cos, 1.0, 1.0),))
+    with pytest.raises(ValueError, match="unique"):
+        Layout("twice", (LAYOUTS["paper"].stages[0], LAYOUTS["paper"].stages[0]))
+    with pytest.raises(ValueError, match="out of range"):
+        stage_cost(3, [0.0, 0.0])
+    with pytest.raises(ValueError, match="stage 1 takes 3 values, got 2"):
+        stage_term(1, [0.0, 0.0], "front4")
+    # A custom layout works by object, but not under a built-in name.
+    custom = Layout("tiny", LAYOUTS["front4"].stages[:2])
+    config = _random_configs(custom, 1, seed=0)[0]
+    assert synthetic_stage_costs(config, custom) == [
+        stage_cost(k, values, "front4") for k, values in enumerate(stage_values(config, custom))
+    ]
+    with pytest.raises(ValueError, match="give it another name"):
+        get_layout(Layout("paper", LAYOUTS["front4"].stages))
 
 
 # ---------------------------------------------------------------- simulator
