@@ -664,6 +664,31 @@ def write_results(out: Path, rows: list[dict[str, Any]], commands: list[str],
     return images
 
 
+def combine(paths: list[Path], out: Path) -> int:
+    """Merge result files (rows, commands) into one report at ``out``."""
+    rows: list[dict[str, Any]] = []
+    commands: list[str] = []
+    machine: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+    seen: set[tuple[str, str, int]] = set()
+    for path in paths:
+        data = json.loads(path.read_text())
+        machine = machine or data["machine"]
+        settings = settings or data["settings"]
+        if data["settings"].get("optimizer") != settings.get("optimizer"):
+            raise SystemExit(f"{path}: optimizer settings differ from {paths[0]}; not merging")
+        commands += [c for c in data["commands"] if c not in commands]
+        for r in data["rows"]:
+            key = (r["pipeline"], r["method"], r["seed"])
+            if key in seen:
+                raise SystemExit(f"{path}: run {key} appears in two files")
+            seen.add(key)
+            rows.append(r)
+    write_results(out, rows, commands, machine, settings)
+    print(f"merged {len(rows)} runs from {len(paths)} files into {out.with_suffix('.md')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=sorted(SUITES), default=None,
@@ -680,7 +705,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the experiment directories")
     ap.add_argument("--append", action="store_true", help="add to the rows already in OUT.json")
     ap.add_argument("--out", default=None, help="OUT (writes OUT.md, OUT.json, OUT_*.png)")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: merge the rows of these result files into OUT "
+                    "(for sweeps split over several processes)")
     args = ap.parse_args(argv)
+    if args.combine:
+        if not args.out:
+            ap.error("--combine needs --out")
+        return combine([Path(p) for p in args.combine], Path(args.out))
     if args.smoke:
         args.fast = True
         args.budget = args.budget or 40.0
