@@ -76,6 +76,8 @@ class Dimension:
         k0: Grid index of the smallest value (``value = (k0 + j) * q``).
         n: Number of values of a grid or categorical dimension (0 for continuous).
         categories: The choices of a categorical dimension.
+        bounds: The declared ``(lower, upper)`` of a continuous log float: decoded
+            values are clamped to them (``exp(log(upper))`` can round above ``upper``).
     """
 
     stage: str
@@ -89,6 +91,7 @@ class Dimension:
     k0: int = 0
     n: int = 0
     categories: tuple[Any, ...] = ()
+    bounds: tuple[float, float] | None = None
 
     @property
     def name(self) -> str:
@@ -436,7 +439,10 @@ def _make_dimension(
 
     if q is None and not is_int:  # continuous float
         t_lo, t_hi = (math.log(lower), math.log(upper)) if log else (lower, upper)
-        return Dimension(stage, key, stage_index, kind, log=log, t_lower=t_lo, t_upper=t_hi)
+        return Dimension(
+            stage, key, stage_index, kind, log=log, t_lower=t_lo, t_upper=t_hi,
+            bounds=(lower, upper) if log else None,
+        )
 
     # A grid of values (k0 + j) * step, j = 0 .. n - 1, as Ray samples them.
     step = float(q) if q is not None else 1.0
@@ -529,7 +535,7 @@ def _decode(dim: Dimension, u: float) -> Any:
         return round(value) if dim.kind == "int" else float(value)
     t = dim.t_lower + u * (dim.t_upper - dim.t_lower)
     if dim.log:
-        lo, hi = math.exp(dim.t_lower), math.exp(dim.t_upper)
+        lo, hi = dim.bounds or (math.exp(dim.t_lower), math.exp(dim.t_upper))
         return float(min(max(math.exp(t), lo), hi))
     return float(min(max(t, dim.t_lower), dim.t_upper))
 

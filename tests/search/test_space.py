@@ -285,3 +285,15 @@ def test_log_domain_needs_positive_value():
     with pytest.raises(SearchSpaceError, match="s/k"):
         space.to_unit({"s": {"k": 0.0}})
     assert math.isclose(float(space.to_unit({"s": {"k": 1e-3}})[0]), 0.0, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize(("lower", "upper"), [(1e-3, 1e2), (1e-5, 1.0), (0.3, 7.7)])
+def test_log_float_decodes_within_declared_bounds(lower, upper):
+    # exp(log(upper)) can round one ulp above upper; a library that checks its
+    # bounds strictly (an optimizer's learning rate) would then refuse the value.
+    space = SearchSpace.from_tune({"lr": tune.loguniform(lower, upper)})
+    for u in (0.0, 1.0, 1.0 - 1e-17):
+        value = space.from_unit(torch.tensor([u], dtype=torch.double))["lr"]
+        assert lower <= value <= upper
+    assert space.from_unit(torch.tensor([1.0], dtype=torch.double))["lr"] == upper
+    assert space.from_unit(torch.tensor([0.0], dtype=torch.double))["lr"] == pytest.approx(lower)
