@@ -77,3 +77,42 @@ def test_synthetic_sweep_parallel_tiny(tmp_path: Path) -> None:
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert sorted(r["workers"] for r in rows) == [1, 2]
     assert all(r["budget_spent"] >= 8.0 and r["failed"] == 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_compare_smoke_every_method(tmp_path: Path) -> None:
+    """``compare.py --smoke``: every method through Tune on the synthetic pipeline."""
+    from PIL import Image
+
+    out = tmp_path / "compare"
+    stdout = run_script("compare.py", "--smoke", "--out", str(out), timeout=600)
+    assert "| method | seeds | candidates | best | gain |" in stdout
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = data["rows"]
+    methods = [r["method"] for r in rows]
+    assert methods == [
+        "eeipu", "ei", "eips", "carbo", "ms_bo", "lambo", "random", "optuna_tpe", "optuna_gp"
+    ]
+    budget = 40.0
+    for r in rows:
+        assert r["failed"] == 0, r
+        # The budget rule, the same for every method: a trial starts only while
+        # the cost spent is below the budget, and the run goes on until it is spent.
+        costs = [b[0] - a[0] for a, b in zip([[0.0, 0.0], *r["curve"]], r["curve"], strict=False)]
+        assert r["spent"] >= budget, r["method"]
+        assert sum(costs[:-1]) < budget, r["method"]
+        assert r["trials"] == len(r["curve"]) and r["candidates"] == r["trials"] - 3
+        bests = [b for _, b in r["curve"]]
+        assert bests == sorted(bests) and bests[-1] == r["best"]  # best so far never drops
+        assert r["gain"] == pytest.approx(r["best"] - r["best_warmup"])
+    # The engine methods and MS_BO / LaMBO share the Sobol warm-up of a seed.
+    shared = [r for r in rows if r["method"] in ("eeipu", "ei", "eips", "carbo", "ms_bo", "lambo")]
+    assert len({round(r["best_warmup"], 9) for r in shared}) == 1
+    md = out.with_suffix(".md").read_text()
+    assert "## Summary: EEIPU relative to EI, CArBO and EIPS" in md
+    assert data["commands"] and "compare.py" in data["commands"][0]
+    for name in ("compare_paper.png", "compare_candidates.png"):
+        path = tmp_path / name
+        assert path.stat().st_size > 10_000, name
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] >= 600 and image.size[1] >= 400
