@@ -530,6 +530,7 @@ def plot(rows: list[dict[str, Any]], pipelines: list[str], out: Path) -> list[Pa
         top = max(r["spent"] for r in mine)
         grid = list(np.linspace(0.0, max(budget, top), 200))
         fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+        floor = math.inf
         for method in METHODS:
             runs = [r for r in mine if r["method"] == method]
             if not runs:
@@ -538,14 +539,21 @@ def plot(rows: list[dict[str, Any]], pipelines: list[str], out: Path) -> list[Pa
             valid = (~np.isnan(ys)).sum(0)
             mean = np.full(len(grid), np.nan)
             se = np.zeros(len(grid))
-            for i in np.flatnonzero(valid):  # mean and s.e. over the seeds with a result
-                col = ys[:, i][~np.isnan(ys[:, i])]
-                mean[i] = col.mean()
-                se[i] = col.std(ddof=1) / math.sqrt(len(col)) if len(col) > 1 else 0.0
+            for i in np.flatnonzero(valid == len(runs)):  # once every seed has a result
+                mean[i] = ys[:, i].mean()
+                se[i] = ys[:, i].std(ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else 0.0
+            warm = [r["curve"][r["warmup"] - 1][0] for r in runs if len(r["curve"]) >= r["warmup"]]
+            if warm:  # the y range starts at the worst method's best after its warm-up
+                at = int(np.searchsorted(grid, max(warm)))
+                if at < len(grid) and math.isfinite(mean[at]):
+                    floor = min(floor, mean[at] - se[at])
             lw = 2.4 if method == "eeipu" else 1.3
             ax.plot(grid, mean, label=method, color=colors[method], lw=lw)
             ax.fill_between(grid, mean - se, mean + se, color=colors[method], alpha=0.15, lw=0)
         ax.axvline(budget, color="0.5", ls=":", lw=1)
+        if math.isfinite(floor):
+            top_y = ax.get_ylim()[1]
+            ax.set_ylim(floor - 0.05 * (top_y - floor), top_y)
         spec = PIPELINES.get(p)
         ax.set_xlabel(f"cost spent ({spec.unit if spec else 'cost units'})")
         ax.set_ylabel("best objective so far")
