@@ -402,6 +402,12 @@ def method_stats(rows: list[dict[str, Any]], pipeline: str) -> dict[str, dict[st
         for key in ("candidates", "best", "gain", "memo", "trials", "spent", "wall_s"):
             stats[key] = mean_se([float(r[key]) for r in mine])
         out[method] = stats
+    eeipu = {r["seed"]: r["best"] for r in rows if r["pipeline"] == pipeline
+             and r["method"] == "eeipu"}
+    for method, stats in out.items():  # seeds on which EEIPU's best is at least this method's
+        pairs = [(eeipu[r["seed"]], r["best"]) for r in rows if r["pipeline"] == pipeline
+                 and r["method"] == method and r["seed"] in eeipu]
+        stats["eeipu_at_least"] = (sum(a >= b for a, b in pairs), len(pairs))
     ei = out.get("ei")
     for stats in out.values():
         for key in ("candidates", "gain"):
@@ -426,13 +432,15 @@ def pipeline_table(rows: list[dict[str, Any]], pipeline: str) -> list[str]:
     stats = method_stats(rows, pipeline)
     lines = [
         "| method | seeds | candidates | best | gain | % more candidates vs EI "
-        "| % more gain vs EI | memo trials | trials | wall s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| % more gain vs EI | EEIPU's best ≥ (seeds) | memo trials | trials | wall s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, s in stats.items():
+        wins, n = s["eeipu_at_least"]
         lines.append(
             f"| {method} | {s['seeds']} | {_pm(s['candidates'], 1)} | {_pm(s['best'], 3)} "
             f"| {_pm(s['gain'], 3)} | {_pct(s['pct_candidates'])} | {_pct(s['pct_gain'])} "
+            f"| {f'{wins}/{n}' if n and method != 'eeipu' else '-'} "
             f"| {_pm(s['memo'], 1)} | {_pm(s['trials'], 1)} | {_pm(s['wall_s'], 0)} |"
         )
     return lines
