@@ -55,7 +55,12 @@ def test_killed_driver_resumes_with_budget_and_observations(tmp_path: Path) -> N
     try:
         while time.monotonic() < deadline:
             state = _checkpoint_state(exp_dir)
-            if state is not None and len(_completed(state)) >= 5:
+            # Tuner.restore reloads the searcher only when the storage holds the
+            # search generator's state too (Tune copies the staging directory up
+            # file by file; a busy machine can be killed in between).
+            synced = glob.glob(str(exp_dir / "search_gen_state-*.json")) and glob.glob(
+                str(exp_dir / "experiment_state-*.json"))
+            if state is not None and len(_completed(state)) >= 5 and synced:
                 break
             if driver.poll() is not None:
                 pytest.fail("driver ended before it was killed:\n"
