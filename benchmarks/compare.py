@@ -700,6 +700,16 @@ def combine(paths: list[Path], out: Path) -> int:
                 raise SystemExit(f"{path}: run {key} appears in two files")
             seen.add(key)
             rows.append(r)
+    # A seed counts only once every method present for the pipeline has run it,
+    # so each table compares methods on the same seeds.
+    methods = {p: {r["method"] for r in rows if r["pipeline"] == p} for p in PIPELINES}
+    have: dict[tuple[str, int], set[str]] = {}
+    for r in rows:
+        have.setdefault((r["pipeline"], r["seed"]), set()).add(r["method"])
+    partial = sorted(k for k, ms in have.items() if ms != methods[k[0]])
+    if partial:
+        print(f"left out (pipeline, seed) not run by every method: {partial}")
+        rows = [r for r in rows if (r["pipeline"], r["seed"]) not in partial]
     write_results(out, rows, commands, machine, settings)
     print(f"merged {len(rows)} runs from {len(paths)} files into {out.with_suffix('.md')}")
     return 0
