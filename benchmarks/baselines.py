@@ -32,13 +32,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import pickle
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +48,9 @@ from torch import Tensor
 
 from eeipu_ray.errors import EEIPUError
 from eeipu_ray.search.acquisition import CostAwareLogEI
+
+# The engine's helpers: one torch thread for the small GPs; configs copied per stage.
+from eeipu_ray.search.engine import _copy_config, _torch_threads
 from eeipu_ray.search.errors import TrialStateError
 from eeipu_ray.search.models import GPFitter, MarginalGP, fit_surrogates
 from eeipu_ray.search.optimize import EMPTY_PREFIX, OptimizeOptions, Prefix, rank_over_pool
@@ -848,20 +850,3 @@ class _BoxAcquisition(AcquisitionFunction):
     def forward(self, X: Tensor) -> Tensor:
         """``X``: ``b x 1 x d``; returns ``Tensor[b]``."""
         return self.acqf(self.lower.to(X) + X * self.width.to(X))
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    # As the engine: the GPs are small, one thread is fastest and leaves the
-    # cores to the trials.
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _copy_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    # Copies the dicts, not the values (a choice may be a class or a function).
-    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
