@@ -80,7 +80,7 @@ from ray.tune.search import Searcher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_sweep import f, machine_info, mean_se
+from synthetic_sweep import f, load_rows, machine_info, mean_se
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = (
@@ -605,13 +605,6 @@ def plot(rows: list[dict[str, Any]], pipelines: list[str], out: Path) -> list[Pa
 # --------------------------------------------------------------------------
 
 
-def load(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    if not path.exists():
-        return [], []
-    data = json.loads(path.read_text())
-    return list(data.get("rows", [])), list(data.get("commands", []))
-
-
 def write_results(out: Path, rows: list[dict[str, Any]], commands: list[str],
                   machine: dict[str, Any], settings: dict[str, Any]) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -766,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
              logging_level="WARNING", log_to_driver=False)
     machine = machine_info()
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
-    rows, commands = load(out.with_suffix(".json")) if args.append else ([], [])
+    rows, commands = load_rows(out.with_suffix(".json")) if args.append else ([], [])
     commands.append(command)
     done = {(r["pipeline"], r["method"], r["seed"]) for r in rows}
     settings = {
