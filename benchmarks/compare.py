@@ -635,6 +635,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], commands: list[str],
         "through Ray Tune with a fresh local prefix cache; the warm-up is charged to the "
         "budget.",
         "",
+        *[line for note in settings.get("notes", []) for line in (f"Note: {note}", "")],
         "## Summary: EEIPU relative to EI, CArBO and EIPS",
         "",
         *suite_summary(rows, pipelines),
@@ -673,8 +674,9 @@ def write_results(out: Path, rows: list[dict[str, Any]], commands: list[str],
     return images
 
 
-def combine(paths: list[Path], out: Path) -> int:
-    """Merge result files (rows, commands) into one report at ``out``."""
+def combine(paths: list[Path], out: Path, notes: list[str] | None = None) -> int:
+    """Merge result files (rows, commands) into one report at ``out``; ``notes``
+    (how the runs were made: machine sharing, pinning) are added to the settings."""
     rows: list[dict[str, Any]] = []
     commands: list[str] = []
     machine: dict[str, Any] = {}
@@ -683,9 +685,12 @@ def combine(paths: list[Path], out: Path) -> int:
     for path in paths:
         data = json.loads(path.read_text())
         machine = machine or data["machine"]
-        settings = settings or data["settings"]
+        settings = settings or dict(data["settings"])
         if data["settings"].get("optimizer") != settings.get("optimizer"):
             raise SystemExit(f"{path}: optimizer settings differ from {paths[0]}; not merging")
+        for note in data["settings"].get("notes", []):
+            if note not in settings.setdefault("notes", []):
+                settings["notes"].append(note)
         commands += [c for c in data["commands"] if c not in commands]
         for r in data["rows"]:
             key = (r["pipeline"], r["method"], r["seed"])
@@ -703,6 +708,9 @@ def combine(paths: list[Path], out: Path) -> int:
     if partial:
         print(f"left out (pipeline, seed) not run by every method: {partial}")
         rows = [r for r in rows if (r["pipeline"], r["seed"]) not in partial]
+    for note in notes or []:
+        if note not in settings.setdefault("notes", []):
+            settings["notes"].append(note)
     write_results(out, rows, commands, machine, settings)
     print(f"merged {len(rows)} runs from {len(paths)} files into {out.with_suffix('.md')}")
     return 0
@@ -727,11 +735,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                     help="run nothing: merge the rows of these result files into OUT "
                     "(for sweeps split over several processes)")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a line on how the runs were made (machine sharing, CPU pinning), "
+                    "kept in OUT.md and OUT.json; may be repeated")
     args = ap.parse_args(argv)
     if args.combine:
         if not args.out:
             ap.error("--combine needs --out")
-        return combine([Path(p) for p in args.combine], Path(args.out))
+        return combine([Path(p) for p in args.combine], Path(args.out), args.note)
     if args.smoke:
         args.fast = True
         args.budget = args.budget or 40.0
@@ -767,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         else "engine defaults (10 restarts, 512 raw samples); Optuna samplers' defaults",
         "budget_override": args.budget,
         "warmup_override": args.warmup,
+        "notes": list(args.note),
     }
     workdir = Path(tempfile.mkdtemp(prefix="eeipu-compare-"))
     print(f"{'pipeline':<9} {'method':<10} {'seed':>4} {'trials':>6} {'cand':>5} {'best':>9} "

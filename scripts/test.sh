@@ -13,7 +13,16 @@ fi
 . "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "$TORCH_SPEC"
-python -m pip install --quiet -c requirements/constraints.txt -e ".[test,bench]"
+python -m pip install --quiet -c requirements/constraints.txt -e ".[test,bench,t5]"
+
+# Debian's Chromium: the report test opens the HTML report in it, headless.
+if ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+export HF_HUB_OFFLINE=1   # T5 models are built from a config or a local path; never downloaded
 
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"   # loopback-only test clusters
 ruff check .
