@@ -15,6 +15,10 @@ One step of :meth:`BOEngine.suggest`:
 5. Maximize it over the prefix pool (:mod:`eeipu_ray.search.optimize`); the
    winner's prefix stages are copied verbatim from the source trial's config,
    so its prefix keys match the cached entry's.
+
+Every suggestion is logged as a :class:`Decision` (phase, ``eta``, planned
+prefix, budget spent, acquisition value): :attr:`BOEngine.decisions`, kept in
+the checkpoint, is what reports plot the cost-cooling schedule from.
 """
 
 from __future__ import annotations
@@ -185,12 +189,69 @@ class Proposal:
         planned_depth: Leading stages it expects to load from the cache.
         source_trial: The trial whose cached prefix it extends, if any.
         version: The store version (completed results) it was computed at.
+        eta: The cost exponent its acquisition used.
+        acquisition_value: The winning candidate's (log) acquisition value;
+            ``None`` when every candidate repeated a tried config and a random
+            point was taken instead.
     """
 
     config: dict[str, Any]
     planned_depth: int
     source_trial: str | None
     version: int
+    eta: float = 1.0
+    acquisition_value: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One suggestion, as the engine made it: the decision log that reports read
+    to show the cost-cooling schedule and where cached prefixes were reused.
+
+    Attributes:
+        trial_id: The trial the config was suggested for.
+        phase: ``"warmup"``, ``"bo"``, ``"random"``, or ``"given"`` (a config the
+            caller chose, see :meth:`BOEngine.register`).
+        eta: The cost exponent of the decision. A BO step: the one its
+            acquisition used (computed with the proposal, which under a
+            lookahead is a little before the hand-out); otherwise the value
+            :attr:`BOEngine.eta` had (1 during warm-up for EEIPU and CArBO, 0 for
+            EI and random search).
+        budget_spent: Cost charged by finished trials when the config was handed out.
+        planned_prefix_depth: Leading stages expected to be loaded from the cache.
+        source_trial: The trial whose cached prefix the config extends (BO steps
+            that reuse a prefix), else ``None``.
+        acquisition_value: The chosen candidate's acquisition value, on the
+            acquisition's log scale (``log EI + eta log E[1/C]`` for EEIPU);
+            ``None`` when no acquisition chose the config.
+    """
+
+    trial_id: str
+    phase: str
+    eta: float
+    budget_spent: float
+    planned_prefix_depth: int = 0
+    source_trial: str | None = None
+    acquisition_value: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form (``decisions.json`` of ``eeipu-ray run``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Decision:
+        """Inverse of :meth:`to_dict`."""
+        value = data.get("acquisition_value")
+        source = data.get("source_trial")
+        return cls(
+            trial_id=str(data["trial_id"]),
+            phase=str(data["phase"]),
+            eta=float(data["eta"]),
+            budget_spent=float(data["budget_spent"]),
+            planned_prefix_depth=int(data.get("planned_prefix_depth", 0)),
+            source_trial=None if source is None else str(source),
+            acquisition_value=None if value is None else float(value),
+        )
 
 
 class BOEngine:
@@ -221,6 +282,7 @@ class BOEngine:
         self._n_warmup_drawn = 0
         self._spent_after_warmup: float | None = None
         self._bo_steps = 0
+        self._decisions: dict[str, Decision] = {}  # by trial id, in suggestion order
         self._random = RandomProposer(space.dim, seed=self.options.seed)
         self._cache = _ModelCache(fitter=self._new_fitter())
         self._prefix_dims = [space.dims_of_prefix(k) for k in range(space.n_stages + 1)]
@@ -248,6 +310,12 @@ class BOEngine:
     def records(self) -> list[TrialRecord]:
         """All trial records, in suggestion order."""
         return list(self.store)
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """The decision log: one :class:`Decision` per suggested or registered
+        trial, in suggestion order (trials added by :meth:`add_evaluated` have none)."""
+        return list(self._decisions.values())
 
     # -------------------------------------------------------------- suggest
     def suggest(
@@ -287,8 +355,8 @@ class BOEngine:
         if self.budget_left <= 0:
             return None
         opts = self.options
-        planned_depth = 0
         available = _as_predicate(available_prefixes)
+        proposal: Proposal | None = None
         if opts.acquisition == "random":
             x, phase = self._random.propose(self._n_suggested), "random"
             config = self.space.from_unit(x)
@@ -303,13 +371,23 @@ class BOEngine:
             if proposal is None:
                 with _torch_threads(opts.num_threads):
                     proposal = self._propose(self.store, available, self._bo_steps)
-            config, planned_depth = _copy_config(proposal.config), proposal.planned_depth
+            config = _copy_config(proposal.config)
             phase = "bo"
             self._bo_steps += 1
+        planned_depth = proposal.planned_depth if proposal is not None else 0
         x = self.space.to_unit(config)
         keys = list(prefix_keys_of(config)) if prefix_keys_of is not None else None
         self.store.add_pending(
             trial_id, config, x, phase=phase, prefix_keys=keys, planned_prefix_depth=planned_depth
+        )
+        self._decisions[trial_id] = Decision(
+            trial_id=trial_id,
+            phase=phase,
+            eta=proposal.eta if proposal is not None else self.eta,
+            budget_spent=self.budget_spent,
+            planned_prefix_depth=planned_depth,
+            source_trial=proposal.source_trial if proposal is not None else None,
+            acquisition_value=proposal.acquisition_value if proposal is not None else None,
         )
         self._n_suggested += 1
         return _copy_config(config)
@@ -380,6 +458,9 @@ class BOEngine:
         x = self.space.to_unit(config)
         keys = list(prefix_keys_of(config)) if prefix_keys_of is not None else None
         self.store.add_pending(trial_id, _copy_config(config), x, phase="given", prefix_keys=keys)
+        self._decisions[trial_id] = Decision(
+            trial_id=trial_id, phase="given", eta=self.eta, budget_spent=self.budget_spent
+        )
         self._n_suggested += 1
 
     def add_evaluated(
@@ -421,6 +502,7 @@ class BOEngine:
             "spent_after_warmup": self._spent_after_warmup,
             "bo_steps": self._bo_steps,
             "records": [r.to_dict() for r in self.store],
+            "decisions": [d.to_dict() for d in self._decisions.values()],
             "gp": self._cache.fitter.state_dict() if self._cache.fitter is not None else {},
         }
 
@@ -451,6 +533,9 @@ class BOEngine:
         sa = state.get("spent_after_warmup")
         self._spent_after_warmup = None if sa is None else float(sa)
         self._bo_steps = int(state.get("bo_steps", 0))
+        # Checkpoints written before the decision log existed restore with an empty one.
+        decisions = [Decision.from_dict(d) for d in state.get("decisions", [])]
+        self._decisions = {d.trial_id: d for d in decisions}
         self._cache = _ModelCache(fitter=self._new_fitter())
         gp = state.get("gp")
         if isinstance(gp, Mapping) and self._cache.fitter is not None:
@@ -647,7 +732,14 @@ class BOEngine:
             candidate.value if candidate is not None else math.nan,
             eta,
         )
-        return Proposal(config, depth, prefix.source_trial, store.version)
+        return Proposal(
+            config,
+            depth,
+            prefix.source_trial,
+            store.version,
+            eta=eta,
+            acquisition_value=candidate.value if candidate is not None else None,
+        )
 
     def _cached_prefixes(
         self, store: TrialStore, available: Callable[[str], bool] | None

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from eeipu_ray.cache import PrefixCache
     from eeipu_ray.pipeline import Pipeline
     from eeipu_ray.search import BOEngine, EngineOptions
+    from eeipu_ray.search.engine import Decision
 
 logger = logging.getLogger(__name__)
 
@@ -325,10 +326,29 @@ class EEIPUSearcher(Searcher):
             self._build_engine()
             self.engine.load_state_dict(pending["engine"])
 
-    # ------------------------------------------------------------- helpers
+    # ------------------------------------------------------------- progress
+    @property
+    def budget(self) -> float | None:
+        """The cost budget of the search (``None``: unlimited)."""
+        return self._budget
+
     @property
     def budget_spent(self) -> float:
+        """Cost charged by finished trials (failures included), as the budget counts it."""
         return self.engine.budget_spent
+
+    @property
+    def eta(self) -> float:
+        """The cost-cooling exponent the next BO step uses (see ``BOEngine.eta``)."""
+        return self.engine.eta
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """The engine's decision log, one entry per suggestion (see ``BOEngine.decisions``);
+        it is part of the checkpoint, so it survives ``Tuner.restore``."""
+        return self.engine.decisions
+
+    # ------------------------------------------------------------- helpers
 
     def _lookahead_on(self) -> bool:
         if self._lookahead is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -180,6 +181,48 @@ def test_lifecycle_with_failures_and_checkpoint():
     assert restored.budget_spent == pytest.approx(engine.budget_spent)
     restored.on_result("t7", _result(config))
     assert len(restored.store.completed) == 3
+
+
+def test_decision_log_follows_cost_cooling_and_survives_a_checkpoint():
+    budget = 30.0
+    engine = _engine(n_warmup=3, budget=budget)
+    n = 0
+    while (config := engine.suggest(f"t{n}", prefix_keys_of=_keys)) is not None:
+        planned = engine.decisions[-1].planned_prefix_depth
+        engine.on_result(f"t{n}", _result(config, memoized=planned))
+        n += 1
+        assert n < 40
+    log = engine.decisions
+    assert [d.trial_id for d in log] == [r.trial_id for r in engine.records]
+    assert [d.phase for d in log[:3]] == ["warmup"] * 3
+    bo = log[3:]
+    assert len(bo) >= 3 and all(d.phase == "bo" for d in bo)
+    assert all(d.eta == 1.0 and d.acquisition_value is None for d in log[:3])
+    assert [d.budget_spent for d in log] == sorted(d.budget_spent for d in log)
+    assert log[0].budget_spent == 0.0 and log[-1].budget_spent < budget
+    # Cooling: 1 at the first BO step, then (B - spent) / (B - spent after warm-up).
+    assert bo[0].eta == 1.0
+    etas = [d.eta for d in bo]
+    assert all(a > b for a, b in itertools.pairwise(etas)), etas
+    s0 = bo[0].budget_spent
+    for d in bo:
+        assert d.eta == pytest.approx((budget - d.budget_spent) / (budget - s0))
+        assert d.acquisition_value is not None and math.isfinite(d.acquisition_value)
+        if d.planned_prefix_depth:
+            assert d.source_trial in engine.store
+    assert all(
+        d.planned_prefix_depth == r.planned_prefix_depth
+        for d, r in zip(log, engine.records, strict=True)
+    )
+
+    state = json.loads(json.dumps(engine.state_dict()))
+    restored = _engine(n_warmup=3, budget=budget)
+    restored.load_state_dict(state)
+    assert restored.decisions == log
+    # A checkpoint from before the decision log restores with an empty one.
+    old = _engine(n_warmup=3, budget=budget)
+    old.load_state_dict({k: v for k, v in state.items() if k != "decisions"})
+    assert old.decisions == [] and old.budget_spent == pytest.approx(engine.budget_spent)
 
 
 def test_pending_suggestions_are_distinct():

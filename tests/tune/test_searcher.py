@@ -60,8 +60,14 @@ def test_lifecycle_failures_are_charged_and_state_survives_restore(tmp_path: Pat
     assert [r.trial_id for r in fresh.engine.records] == [
         r.trial_id for r in searcher.engine.records
     ]
+    # The decision log is part of the checkpoint.
+    assert fresh.decisions == searcher.decisions
+    assert [d.trial_id for d in fresh.decisions] == [r.trial_id for r in records] + [
+        f"ok{i}" for i in range(4)
+    ]
     nxt = fresh.suggest("after-restore")
     assert isinstance(nxt, dict) and set(nxt) == set(pipeline.stage_names)
+    assert fresh.decisions[-1].trial_id == "after-restore"
     # No temp files left behind by the atomic save.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "searcher.pkl"]
 
@@ -105,6 +111,7 @@ def test_tuner_sweep_spends_its_budget_exactly_and_reuses_prefixes(
     restored.restore_from_dir(str(tmp_path / "exp"))
     assert restored.budget_spent == pytest.approx(sum(m["total_cost"] for m in metrics))
     assert len(restored.engine.records) == len(metrics)
+    assert {d.trial_id for d in restored.decisions} == {m["trial_id"] for m in metrics}
     assert restored.suggest("more") == Searcher.FINISHED
     # The searcher told the cache which prefixes to keep.
     assert cache.pinned() and cache.pinned() <= {e.key for e in cache.entries()}
