@@ -2,21 +2,43 @@
 
 ``eeipu-ray run PIPELINE``
     Sweep a pipeline (built-in name or ``module:object``) on a Ray cluster
-    (a local one unless ``--address`` is given) with the prefix cache, print a
-    per-trial table, and write ``summary.json`` into the experiment directory.
+    (a local one unless ``--address`` is given) with the prefix cache, showing
+    live progress (the objective, memoized stages and charged cost per trial;
+    cost spent, budget left and the cost-cooling exponent), then print a
+    per-trial table and write into the experiment directory:
+
+    * ``summary.json``: the run's options and totals (and one short row per trial);
+    * ``trials.json``: every trial in completion order, with its per-stage
+      costs, cache hits and config (``eeipu_ray.report.TrialRow``);
+    * ``decisions.json``: the searcher's decision log, one entry per suggestion
+      (phase, cost-cooling ``eta``, planned prefix, budget spent, acquisition
+      value; see ``BOEngine.decisions``); not written for ``tune-random``;
+    * ``report.md``, ``report.html`` and PNG plots (unless ``--no-report``).
+``eeipu-ray report EXPERIMENT_DIR``
+    Write the report of a finished run (or of a plain Ray Tune experiment
+    directory, from its trials' ``result.json``).
 ``eeipu-ray cache ls|stats|gc URL``
     Inspect or clean a prefix cache.
+
+Usage errors (a bad option, a directory that is not an experiment) exit with
+status 2 and a message on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+
+class UsageError(Exception):
+    """The command line asks for something that cannot be done; exit status 2."""
 
 
 def _parse_size(text: str) -> int:
@@ -28,16 +50,25 @@ def _parse_size(text: str) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.energy:
+        raise UsageError(
+            "--energy: energy metering is not available yet; costs are seconds of stage "
+            "time for now (run without --energy)"
+        )
+    from eeipu_ray.pipelines import load_pipeline
+
+    pipeline = load_pipeline(args.pipeline)
+    if args.num_samples < 0 and args.budget is None:
+        raise UsageError("give --budget, --num-samples, or both")
+    if args.budget is not None and args.searcher == "tune-random":
+        raise UsageError("--budget needs a budget-aware searcher (eeipu, ei, eips, carbo, random)")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     from ray import tune
 
     from eeipu_ray.cache import PrefixCache
-    from eeipu_ray.pipelines import load_pipeline
+    from eeipu_ray.tune.progress import BudgetReporter, tuned_parameter_columns
 
-    pipeline = load_pipeline(args.pipeline)
-    if args.num_samples < 0 and args.budget is None:
-        raise SystemExit("give --budget, --num-samples, or both")
     cache = PrefixCache(
         args.cache,
         object_store=args.object_store,
@@ -70,8 +101,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             seed=args.seed,
             max_concurrent=args.max_concurrent,
         )
-    elif args.budget is not None:
-        raise SystemExit("--budget needs a budget-aware searcher (eeipu, ei, eips, carbo, random)")
+    # Under Ray Client the Tuner runs in the cluster with its own copy of the
+    # searcher: the reporter then sums the trials' costs instead of asking it.
+    remote_driver = bool(args.address and args.address.startswith("ray://"))
+    reporter = BudgetReporter(
+        args.metric,
+        args.mode,
+        searcher=None if remote_driver else search_alg,
+        budget=args.budget,
+        parameter_columns=tuned_parameter_columns(pipeline.search_space),
+        full_final_table=False,  # the full table is printed below
+    )
     storage = os.path.abspath(args.storage_path)
     name = args.name or f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tuner = tune.Tuner(
@@ -85,17 +125,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
             search_alg=search_alg,
             reuse_actors=True,  # ~0.1 s instead of ~4 s of Tune overhead per trial here
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, verbose=1, progress_reporter=reporter
+        ),
     )
     started = time.time()
     grid = tuner.fit()
     wall = time.time() - started
+    exp_dir = os.path.join(storage, name)
+    os.makedirs(exp_dir, exist_ok=True)
+
+    from eeipu_ray.report import completion_order, trial_row
+
     rows = []
-    for r in grid:
-        if r.error or not r.metrics:
-            rows.append({"trial_id": None, "error": str(r.error)})
+    trial_rows = []
+    for index, r in enumerate(grid):
+        m = r.metrics or {}
+        config = pipeline.nest_config(r.config) if r.config else {}
+        trial_rows.append(
+            (
+                trial_row(
+                    m,
+                    args.metric,
+                    config=config,
+                    error=str(r.error) if r.error else None,
+                    stage_names=pipeline.stage_names,
+                ),
+                index,
+            )
+        )
+        if r.error or not m:
+            rows.append({"trial_id": m.get("trial_id"), "error": str(r.error)})
             continue
-        m = r.metrics
         rows.append(
             {
                 "trial_id": m.get("trial_id"),
@@ -103,15 +164,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 "memoized_stages": m.get("memoized_stages"),
                 "total_cost": m.get("total_cost"),
                 "compute_cost": sum(m.get(f"compute_costs/{s}", 0.0) for s in pipeline.stage_names),
-                "config": pipeline.nest_config(r.config),
+                "config": config,
             }
         )
-    ok = [r for r in rows if r.get("trial_id")]
+    ok = [r for r in rows if "error" not in r]
     spent = sum(r["total_cost"] for r in ok)
     unmemoized = sum(r["compute_cost"] for r in ok)
     best = grid.get_best_result(metric=args.metric, mode=args.mode) if ok else None
     summary = {
         "pipeline": pipeline.name,
+        "searcher": args.searcher,
+        "metric": args.metric,
+        "mode": args.mode,
+        "budget": args.budget,
+        "warmup": args.warmup,
+        "seed": args.seed,
         "trials": len(rows),
         "errors": len(rows) - len(ok),
         "trials_with_cached_prefix": sum(1 for r in ok if r["memoized_stages"]),
@@ -127,10 +194,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else None,
         "rows": rows,
     }
-    exp_dir = os.path.join(storage, name)
-    os.makedirs(exp_dir, exist_ok=True)
-    with open(os.path.join(exp_dir, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=2, default=str)
+    _write_json(os.path.join(exp_dir, "summary.json"), summary)
+    _write_json(
+        os.path.join(exp_dir, "trials.json"),
+        {
+            "format": 1,
+            "metric": args.metric,
+            "mode": args.mode,
+            "stage_names": list(pipeline.stage_names),
+            "trials": [t.to_dict() for t in completion_order(trial_rows)],
+        },
+    )
+    if search_alg is not None:
+        _write_json(
+            os.path.join(exp_dir, "decisions.json"),
+            {
+                "format": 1,
+                "searcher": args.searcher,
+                "decisions": _decision_log(search_alg, exp_dir, remote_driver),
+            },
+        )
     print()
     print(f"{'trial':<14} {args.metric:>9} {'memoized':>9} {'spent s':>9} {'compute s':>10}")
     for r in ok:
@@ -153,7 +236,65 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"{json.dumps(summary['best']['config'], default=str)}"
         )
     print(f"summary: {os.path.join(exp_dir, 'summary.json')}")
+    if not args.no_report:
+        from eeipu_ray.report import ReportError, write_report
+
+        try:
+            files = write_report(exp_dir)
+        except ReportError as exc:  # e.g. matplotlib missing: the sweep itself succeeded
+            print(f"eeipu-ray run: no report written: {exc}", file=sys.stderr)
+        else:
+            print(f"report: {files.html} (and {files.markdown.name})")
     return 0 if ok else 1
+
+
+def _decision_log(search_alg: Any, exp_dir: str, remote_driver: bool) -> list[dict[str, Any]]:
+    """The searcher's decision log after the run, as plain dicts."""
+    if remote_driver:
+        # The searcher that ran lives in the cluster; read the state Tune saved.
+        try:
+            search_alg.restore_from_dir(exp_dir)
+        except (RuntimeError, OSError) as exc:
+            print(f"eeipu-ray run: no decision log: {exc}", file=sys.stderr)
+            return []
+    return [d.to_dict() for d in search_alg.decisions]
+
+
+def _write_json(path: str, data: Any) -> None:
+    # NaN and infinities are not JSON: write them as null.
+    with open(path, "w") as fh:
+        json.dump(_json_safe(data), fh, indent=2, default=str)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from eeipu_ray.report import ExperimentDirError, write_report
+
+    try:
+        files = write_report(
+            Path(args.experiment_dir),
+            args.out,
+            metric=args.metric,
+            mode=args.mode,
+            budget=args.budget,
+            n_warmup=args.warmup,
+        )
+    except ExperimentDirError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"report: {files.markdown}")
+    print(f"report: {files.html}")
+    for path in files.images.values():
+        print(f"plot: {path}")
+    return 0
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
@@ -227,7 +368,41 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-concurrent", type=int, default=0, help="0: as many as fit")
     run.add_argument("--storage-path", default="results", help="where experiments are written")
     run.add_argument("--name", default=None, help="experiment name")
+    run.add_argument(
+        "--energy",
+        action="store_true",
+        help="use measured energy (joules) as the cost: not available yet",
+    )
+    run.add_argument(
+        "--no-report",
+        action="store_true",
+        help="do not write report.md / report.html and the plots at the end",
+    )
     run.set_defaults(func=_cmd_run)
+
+    report = sub.add_parser(
+        "report", help="write report.md, report.html and plots of an experiment directory"
+    )
+    report.add_argument(
+        "experiment_dir",
+        metavar="EXPERIMENT_DIR",
+        help="written by 'eeipu-ray run', or a Ray Tune experiment directory",
+    )
+    report.add_argument("--out", default=None, help="where to write (default: EXPERIMENT_DIR)")
+    report.add_argument(
+        "--metric", default=None, help="objective (default: the run's; 'score' for Tune dirs)"
+    )
+    report.add_argument("--mode", choices=("min", "max"), default=None)
+    report.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="cost budget, to reconstruct eta when the directory has no decision log",
+    )
+    report.add_argument(
+        "--warmup", type=int, default=None, help="warm-up size, with --budget (see above)"
+    )
+    report.set_defaults(func=_cmd_report)
 
     cache = sub.add_parser("cache", help="inspect or clean a prefix cache")
     cache.add_argument("action", choices=("ls", "stats", "gc"))
@@ -245,7 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: Any = args.func(args)
+    try:
+        result: Any = args.func(args)
+    except UsageError as exc:
+        print(f"eeipu-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_report import check_html_in_browser, check_png, markdown_trial_rows
 
 
 def _cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -22,13 +28,18 @@ def _cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedPro
     )
 
 
-def test_run_sweeps_a_builtin_pipeline_and_reuses_prefixes(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One small `eeipu-ray run` shared by the tests of this module."""
+    tmp_path = tmp_path_factory.mktemp("cli")
     cache_dir = tmp_path / "cache"
     proc = _cli(
         "run",
         "regression",
         "--num-samples",
         "9",
+        "--budget",
+        "1000",
         "--num-cpus",
         "2",
         "--max-concurrent",
@@ -42,7 +53,17 @@ def test_run_sweeps_a_builtin_pipeline_and_reuses_prefixes(tmp_path: Path) -> No
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "results" / "smoke" / "summary.json").read_text())
+    return {
+        "proc": proc,
+        "tmp": tmp_path,
+        "cache": cache_dir,
+        "exp": tmp_path / "results" / "smoke",
+    }
+
+
+def test_run_sweeps_a_builtin_pipeline_and_reuses_prefixes(sweep: dict[str, Any]) -> None:
+    proc, tmp_path, cache_dir = sweep["proc"], sweep["tmp"], sweep["cache"]
+    summary = json.loads((sweep["exp"] / "summary.json").read_text())
     assert summary["trials"] == 9 and summary["errors"] == 0
     # Stages 1-2 have 2 x 2 x 2 = 8 distinct prefixes; 9 sequential trials must
     # revisit one (pigeonhole), and that trial skips the expensive feature stage.
@@ -76,3 +97,62 @@ def test_run_rejects_an_unknown_pipeline(tmp_path: Path) -> None:
     proc = _cli("run", "no_such_pipeline", cwd=tmp_path, timeout=60)
     assert proc.returncode != 0
     assert "no_such_pipeline" in proc.stderr
+
+
+def test_run_shows_live_progress_and_writes_trials_and_decisions(sweep: dict[str, Any]) -> None:
+    out, exp = sweep["proc"].stdout, sweep["exp"]
+    # Live progress: Tune's table with our columns, and the budget line.
+    assert "== Status ==" in out
+    assert re.search(r"\| +score \| +memoized \| +cost \|", out), out[-3000:]
+    assert re.search(
+        r"Cost: [0-9.e+-]+ s spent of 1000 s \([0-9.e+-]+ s left\); cost-cooling eta", out
+    )
+    trials = json.loads((exp / "trials.json").read_text())
+    assert trials["metric"] == "score" and trials["stage_names"] == ["data", "features", "ridge"]
+    rows = trials["trials"]
+    assert len(rows) == 9 and all(r["status"] == "completed" for r in rows)
+    for r in rows:
+        assert r["charged_cost"] == pytest.approx(sum(r["stage_costs"].values()))
+        assert sum(r["cache_hit"].values()) == r["memoized_stages"]
+    decisions = json.loads((exp / "decisions.json").read_text())["decisions"]
+    assert {d["trial_id"] for d in decisions} == {r["trial_id"] for r in rows}
+    assert all(d["phase"] == "warmup" and d["eta"] == 1.0 for d in decisions)  # 9 < warm-up 10
+    spent = [d["budget_spent"] for d in decisions]
+    assert spent == sorted(spent) and spent[0] == 0.0
+    # ...and the report, written at the end.
+    assert f"report: {exp / 'report.html'}" in out
+    for name in ("report.md", "report.html", "best_objective.png", "eta.png"):
+        assert (exp / name).is_file(), name
+
+
+def test_report_of_the_run(sweep: dict[str, Any], tmp_path: Path) -> None:
+    exp, out_dir = sweep["exp"], tmp_path / "report"
+    proc = _cli("report", str(exp), "--out", str(out_dir), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = sorted(p.name for p in out_dir.glob("*.png"))
+    assert pngs == ["best_objective.png", "cache_hits.png", "eta.png", "stage_costs.png"]
+    for name in pngs:
+        check_png(out_dir / name)
+        assert f"plot: {out_dir / name}" in proc.stdout
+    trial_ids = [r["trial_id"] for r in json.loads((exp / "trials.json").read_text())["trials"]]
+    markdown = (out_dir / "report.md").read_text()
+    rows = markdown_trial_rows(markdown)
+    assert [r[1] for r in rows] == trial_ids
+    assert sum(r[3] == "2" for r in rows) >= 1  # the pigeonhole reuse of the sweep
+    assert "From the searcher's decision log" in markdown
+    check_html_in_browser(out_dir / "report.html", tmp_path, trial_ids, n_images=4)
+
+
+def test_run_energy_is_not_available_yet(tmp_path: Path) -> None:
+    proc = _cli("run", "regression", "--num-samples", "1", "--energy", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert "--energy" in proc.stderr and "not available yet" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
+
+
+def test_report_rejects_a_directory_that_is_not_an_experiment(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "empty", tmp_path / "missing"):
+        proc = _cli("report", str(bad), cwd=tmp_path, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
