@@ -466,8 +466,9 @@ def suite_summary(rows: list[dict[str, Any]], pipelines: list[str]) -> list[str]
             if other not in s:
                 return "-"
             mine, theirs = e["gain"][0], s[other]["gain"][0]
-            verdict = "beats" if mine > theirs else "loses to"
-            return f"{verdict} ({f(mine, 3)} vs {f(theirs, 3)})"
+            verdict = "beats" if mine > theirs else "ties" if mine == theirs else "loses to"
+            digits = 3 if f(mine, 3) != f(theirs, 3) else 5
+            return f"{verdict} ({f(mine, digits)} vs {f(theirs, digits)})"
 
         top = max(stats, key=lambda m: stats[m]["best"][0])
         lines.append(
@@ -479,6 +480,11 @@ def suite_summary(rows: list[dict[str, Any]], pipelines: list[str]) -> list[str]
     if finite_c:
         mean_c = statistics.fmean(finite_c)
         mean_g = statistics.fmean(finite_g) if finite_g else math.nan
+        gain_over = (
+            "" if len(finite_g) == len(pct_g)
+            else f" (gain over {len(finite_g)} of {len(pct_g)} pipelines: where EI gained "
+            "nothing after the warm-up the % is undefined)"
+        )
         lines += [
             "",
             f"Mean over pipelines: EEIPU {_pct(mean_c)} candidates and {_pct(mean_g)} gain "
@@ -486,7 +492,8 @@ def suite_summary(rows: list[dict[str, Any]], pipelines: list[str]) -> list[str]
             f"goal: at least +{GOAL['candidates']:.0f}% and +{GOAL['gain']:.0f}%): "
             f"candidates goal {'met' if mean_c >= GOAL['candidates'] else 'NOT met'}, "
             f"gain goal "
-            f"{'met' if math.isfinite(mean_g) and mean_g >= GOAL['gain'] else 'NOT met'}.",
+            f"{'met' if math.isfinite(mean_g) and mean_g >= GOAL['gain'] else 'NOT met'}"
+            f"{gain_over}.",
         ]
     return lines
 
