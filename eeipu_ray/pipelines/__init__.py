@@ -10,6 +10,7 @@ BUILTIN = {
     "synthetic": "eeipu_ray.pipelines.synthetic",
     "stacking": "eeipu_ray.pipelines.stacking",
     "cnn": "eeipu_ray.pipelines.cnn",
+    "t5": "eeipu_ray.pipelines.t5",
 }
 
 
