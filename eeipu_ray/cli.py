@@ -55,9 +55,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "--energy: energy metering is not available yet; costs are seconds of stage "
             "time for now (run without --energy)"
         )
+    from eeipu_ray.errors import PipelineDefinitionError
     from eeipu_ray.pipelines import load_pipeline
 
-    pipeline = load_pipeline(args.pipeline)
+    try:
+        pipeline = load_pipeline(args.pipeline, **_pipeline_options(args.option))
+    except PipelineDefinitionError as exc:
+        raise UsageError(str(exc)) from exc
     if args.num_samples < 0 and args.budget is None:
         raise UsageError("give --budget, --num-samples, or both")
     if args.budget is not None and args.searcher == "tune-random":
@@ -251,6 +255,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _pipeline_options(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs for the pipeline's builder; a value is read as JSON
+    (numbers, true/false, null, lists) and otherwise kept as a string."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE with KEY a Python name")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
+
+
 def _trial_dirname(trial: Any) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
@@ -352,6 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-samples", type=int, default=-1, help="maximum trials (-1: until the budget is spent)"
     )
     run.add_argument("--warmup", type=int, default=10, help="initial design size")
+    run.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="argument of the pipeline's builder (repeatable), e.g. "
+        "-o teacher_path=/models/t5-small -o n_train=2000; values are read as JSON where "
+        "they parse, else as strings",
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--metric", default="score")
     run.add_argument("--mode", choices=("min", "max"), default="max")

@@ -15,8 +15,10 @@ import pytest
 from tests.test_report import check_html_in_browser, check_png, markdown_trial_rows
 
 
-def _cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_AIR_NEW_OUTPUT": "0"}
+def _cli(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_AIR_NEW_OUTPUT": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "eeipu_ray.cli", *args],
         check=False,
@@ -156,3 +158,32 @@ def test_report_rejects_a_directory_that_is_not_an_experiment(tmp_path: Path) ->
         proc = _cli("report", str(bad), cwd=tmp_path, timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_a_user_pipeline_given_as_module_object_with_options(tmp_path: Path) -> None:
+    """``eeipu-ray run module:object -o KEY=VALUE``: the builder gets the options."""
+    repo = Path(__file__).resolve().parents[1]
+    env_path = {"PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    proc = _cli(
+        "run", "tests.tune.toy_pipeline:make_pipeline",
+        "-o", "name=cli-user", "-o", "sleep_s=0.01", "-o", "degrees=[1, 2, 3]",
+        "--searcher", "random", "--num-samples", "3", "--warmup", "2", "--no-report",
+        "--num-cpus", "1", "--cache", str(tmp_path / "cache"), "--name", "user",
+        cwd=tmp_path, env=env_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "user" / "summary.json").read_text())
+    assert summary["pipeline"] == "cli-user"  # the name option reached the builder
+    assert summary["trials"] == 3 and summary["errors"] == 0
+    # degrees=[1, 2, 3] (JSON) replaced the builder's default choices (1, 2).
+    assert {r["config"]["features"]["degree"] for r in summary["rows"]} <= {1, 2, 3}
+
+    bad = _cli(
+        "run", "tests.tune.toy_pipeline:make_pipeline", "-o", "no_such_option=1",
+        "--num-samples", "1", cwd=tmp_path, env=env_path, timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "no_such_option" in bad.stderr and "Traceback" not in bad.stderr
+    malformed = _cli("run", "regression", "-o", "oops", "--num-samples", "1", cwd=tmp_path,
+                     timeout=60)
+    assert malformed.returncode == 2 and "'oops'" in malformed.stderr

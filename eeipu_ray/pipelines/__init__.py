@@ -19,12 +19,29 @@ def load_pipeline(spec: str, **options: Any) -> Any:
 
     ``object`` may be a :class:`~eeipu_ray.pipeline.Pipeline` or a callable
     returning one (called with ``options``).
+
+    Raises:
+        PipelineDefinitionError: the pipeline cannot be found, or ``options``
+            name an argument its builder does not take (the message names it).
     """
+    import inspect
+
     from eeipu_ray.errors import PipelineDefinitionError
     from eeipu_ray.pipeline import Pipeline
 
+    def build(fn: Any) -> Any:
+        try:
+            inspect.signature(fn).bind(**options)
+        except TypeError as exc:
+            raise PipelineDefinitionError(
+                f"pipeline {spec!r} does not take the options {sorted(options)}: {exc}"
+            ) from exc
+        except ValueError:  # no signature to check: let the call decide
+            pass
+        return fn(**options)
+
     if spec in BUILTIN:
-        return importlib.import_module(BUILTIN[spec]).build_pipeline(**options)
+        return build(importlib.import_module(BUILTIN[spec]).build_pipeline)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise PipelineDefinitionError(
@@ -35,7 +52,11 @@ def load_pipeline(spec: str, **options: Any) -> Any:
     except (ImportError, AttributeError) as exc:
         raise PipelineDefinitionError(f"cannot load pipeline {spec!r}: {exc}") from exc
     if callable(obj) and not isinstance(obj, Pipeline):
-        obj = obj(**options)
+        obj = build(obj)
+    elif options:
+        raise PipelineDefinitionError(
+            f"{spec!r} is a ready Pipeline, not a builder: it takes no options ({sorted(options)})"
+        )
     if not isinstance(obj, Pipeline):
         raise PipelineDefinitionError(f"{spec!r} is {type(obj).__name__}, not a Pipeline")
     return obj
