@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import pickle
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -22,18 +21,6 @@ CONFIG = {
     "train": {"lr": 2e-2, "weight_decay": 1e-4, "epochs": 3, "width": 8},
     "evaluate": {"tta": "none", "temperature": 1.0},
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads, and OpenMP threads that spin-wait
-    # on a busy 2-core CI box turn milliseconds into seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,18 +35,6 @@ CONFIG = {
     "evaluate": {"num_beams": 1},
 }
 STAGES = ["data", "teacher", "distill1", "distill2", "distill3", "evaluate"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads; spin-waiting OpenMP threads on a
-    # busy 2-core box turn milliseconds into seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
