@@ -22,7 +22,8 @@ from eeipu_ray.report import (
     trial_row,
     write_report,
 )
-from eeipu_ray.report.series import cost_cooling, eta_series
+from eeipu_ray.report.series import eta_series
+from eeipu_ray.search.acquisition import cost_cooling
 
 STAGES = ["data", "features", "ridge"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

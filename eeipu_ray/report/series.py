@@ -105,16 +105,11 @@ def eta_series(experiment: Experiment) -> tuple[EtaSeries | None, str]:
     )
 
 
-def cost_cooling(budget: float, spent: float, spent_after_warmup: float) -> float:
-    """``eta = (B - s) / (B - s0)`` clipped to ``[0, 1]``: the same formula as
-    ``eeipu_ray.search.acquisition.cost_cooling``, without importing torch."""
-    span = budget - spent_after_warmup
-    if span <= 0:
-        return 0.0
-    return min(max((budget - spent) / span, 0.0), 1.0)
-
-
 def _reconstruct(experiment: Experiment, budget: float, n_warmup: int) -> EtaSeries:
+    # The engine's own formula; imported here so that importing the report
+    # package does not load torch and BoTorch.
+    from eeipu_ray.search.acquisition import cost_cooling
+
     # Suggestion i of a sequential search sees the cost of trials 0..i-1.
     spent_before = [0.0]
     for t in experiment.trials:

@@ -1,20 +1,5 @@
 """Shared fixtures of the pipeline tests."""
 
-from __future__ import annotations
-
-from collections.abc import Iterator
-
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads, and OpenMP threads that spin-wait
-    # on a busy 2-core CI box turn milliseconds into seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+# Tiny models gain nothing from threads: the search tests' one-thread fixture
+# applies here too.
+from tests.search.conftest import _single_torch_thread  # noqa: F401
