@@ -54,6 +54,12 @@ class StageExecutionError(EEIPUError, RuntimeError):
     """A stage function raised; the message names the stage and its hyperparameters."""
 
 
+class EnergyMeterError(EEIPUError, RuntimeError):
+    """Energy was required (energy as the cost, a scheduler ranking by joules) but no
+    energy meter is available, or a meter could not be opened or read. The message
+    says which meters were tried and why each is unavailable."""
+
+
 class EEIPUWarning(UserWarning):
     """Base class of eeipu-ray warnings."""
 

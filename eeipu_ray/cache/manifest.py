@@ -50,6 +50,11 @@ class EntryMeta:
             declared cost unit), as first measured: a later trial that loads the
             entry still learns what computing it really costs.
         trial_id: The producing trial, when known.
+        compute_energy_joules: Original compute energy of stages 1..k in joules,
+            ``None`` per stage where no meter measured it; ``None`` in entries
+            written before energy was recorded (they still load).
+        energy_sources: Per stage, the meter behind ``compute_energy_joules``
+            (``"nvml"``, ``"rapl"``, ``"none"``, ...); ``None`` in older entries.
     """
 
     pipeline: str
@@ -58,6 +63,8 @@ class EntryMeta:
     params: Sequence[Mapping[str, Any]]
     compute_seconds: Sequence[float]
     trial_id: str | None = None
+    compute_energy_joules: Sequence[float | None] | None = None
+    energy_sources: Sequence[str] | None = None
 
     def expected_key(self) -> str:
         key = root_key(self.pipeline)
@@ -186,6 +193,25 @@ def _meta_from_doc(doc: Any) -> EntryMeta:
         _number(seconds, "meta.compute_seconds[]")
     if meta.trial_id is not None:
         _typed(meta.trial_id, str, "meta.trial_id")
+    # Energy fields are optional (absent from entries written before them).
+    n = lengths["stage_names"]
+    if meta.compute_energy_joules is not None:
+        energies = _typed(meta.compute_energy_joules, list, "meta.compute_energy_joules")
+        if len(energies) != n:
+            raise CacheIntegrityError(
+                f"manifest lists {len(energies)} stage energies for {n} stages"
+            )
+        for joules in energies:
+            if joules is not None and _number(joules, "meta.compute_energy_joules[]") < 0:
+                raise CacheIntegrityError(f"manifest stage energy {joules!r} is negative")
+    if meta.energy_sources is not None:
+        sources = _typed(meta.energy_sources, list, "meta.energy_sources")
+        if len(sources) != n:
+            raise CacheIntegrityError(
+                f"manifest lists {len(sources)} energy sources for {n} stages"
+            )
+        for source in sources:
+            _typed(source, str, "meta.energy_sources[]")
     return meta
 
 

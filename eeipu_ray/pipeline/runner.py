@@ -14,6 +14,26 @@ Cost accounting per stage (the numbers the searcher learns from):
   the measured load time is charged to the deepest loaded stage and 0 to the
   stages before it, whose outputs were never needed; with a declared
   ``Stage.load_cost``, every loaded stage is charged that instead.
+
+Energy per stage, next to the time (see :mod:`eeipu_ray.energy`): an energy
+meter (NVML for the trial's GPUs, RAPL for the CPU packages, where available)
+is read around each executed stage and around the load of a cached prefix.
+
+* ``energy_joules``: what this trial spent on the stage: compute + store
+  energy if executed; the energy of the load for the deepest loaded stage and 0
+  for the stages before it. ``None`` when no meter measured it (never 0).
+* ``compute_energy_joules``: what computing the stage costs in joules: measured
+  now, or the original compute energy recorded in the cache entry (``None``
+  when unknown: no meter then, or an entry from before energy was recorded).
+* ``cpu_seconds``: CPU time of this process spent on the stage (always
+  measured; a proxy labelled as CPU-seconds, never passed off as joules).
+
+Progress a stage reports with ``ctx.report`` is handed on with the trial's
+running totals added: ``total_cost`` (seconds so far: finished stages as
+charged, plus the running stage's wall time unless it declares its cost),
+``total_cpu_seconds`` and, with a meter, ``total_energy_joules``. A scheduler
+that stops the trial early thus sees what it has spent, and so does a searcher
+that is told about the stopped trial.
 """
 
 from __future__ import annotations
@@ -35,6 +55,7 @@ from eeipu_ray.pipeline.stage import StageContext
 
 if TYPE_CHECKING:
     from eeipu_ray.cache import PrefixCache
+    from eeipu_ray.energy import EnergyMeter, EnergyReading, EnergySpan
     from eeipu_ray.pipeline.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -55,10 +76,28 @@ class StageRecord:
     store_seconds: float = 0.0
     stored: bool = False
     producer: Mapping[str, Any] = field(default_factory=dict)
+    energy_joules: float | None = None
+    compute_energy_joules: float | None = None
+    energy_source: str = "none"
+    energy_measured: bool = False
+    cpu_seconds: float = 0.0
 
     @property
     def cache_hit(self) -> bool:
         return self.status == "loaded"
+
+    def _take_energy(self, reading: EnergyReading, *, spent: bool = True) -> None:
+        """Record ``reading`` as this stage's spent energy and CPU time (or, with
+        ``spent=False``, as a loaded stage's share of nothing: 0 J where a meter
+        exists, still ``None`` where none does)."""
+        self.energy_source = reading.source
+        self.energy_measured = reading.measured
+        if spent:
+            self.energy_joules = reading.joules
+            self.cpu_seconds = reading.cpu_seconds
+        else:
+            self.energy_joules = 0.0 if reading.measured else None
+            self.cpu_seconds = 0.0
 
 
 @dataclass
@@ -74,29 +113,56 @@ class PipelineRun:
     output: Any
     stages: list[StageRecord]
     memoized_stages: int
+    energy_shared: bool = False
 
     @property
     def total_seconds(self) -> float:
         return sum(s.seconds for s in self.stages)
+
+    @property
+    def total_energy_joules(self) -> float | None:
+        """Energy this trial spent on its stages; ``None`` unless every stage was metered."""
+        spent = [s.energy_joules for s in self.stages]
+        if not spent or any(j is None for j in spent):
+            return None
+        return float(math.fsum(j for j in spent if j is not None))
+
+    @property
+    def total_cpu_seconds(self) -> float:
+        return float(math.fsum(s.cpu_seconds for s in self.stages))
 
     def to_result(self, metric: str | None = None) -> dict[str, Any]:
         """The flat result a trial reports to Ray Tune (the schema the searcher reads).
 
         Keys (``<s>`` is a stage name):
 
-        ==========================  ===============================================
-        ``<metric>``                from the last stage's output (a number, or a
-                                    mapping holding it); other numeric entries of
-                                    a mapping output are reported too
-        ``memoized_stages``         leading stages loaded from the cache (int)
-        ``total_cost``              sum of ``stage_costs``
-        ``stage_costs/<s>``         what this trial spent on the stage
-        ``compute_costs/<s>``       what computing the stage costs (original time)
-        ``cache_hit/<s>``           1 if loaded from the cache, else 0
-        ``cache_bytes/<s>``         bytes loaded or stored for the stage
-        ``load_seconds/<s>``        measured load time (0 unless loaded)
-        ``prefix_key/<s>``          prefix key of stages 1..s
-        ==========================  ===============================================
+        ==============================  ===============================================
+        ``<metric>``                    from the last stage's output (a number, or a
+                                        mapping holding it); other numeric entries of
+                                        a mapping output are reported too
+        ``memoized_stages``             leading stages loaded from the cache (int)
+        ``total_cost``                  sum of ``stage_costs``
+        ``stage_costs/<s>``             what this trial spent on the stage
+        ``compute_costs/<s>``           what computing the stage costs (original time)
+        ``cache_hit/<s>``               1 if loaded from the cache, else 0
+        ``cache_bytes/<s>``             bytes loaded or stored for the stage
+        ``load_seconds/<s>``            measured load time (0 unless loaded)
+        ``prefix_key/<s>``              prefix key of stages 1..s
+        ``cpu_seconds/<s>``             process CPU time spent on the stage (seconds)
+        ``energy_joules/<s>``           energy spent on the stage (J); absent without
+                                        a meter
+        ``compute_energy_joules/<s>``   energy computing the stage costs (J; the
+                                        original energy for a loaded stage); absent
+                                        when unknown
+        ``energy_source/<s>``           meter of ``energy_joules/<s>``: ``"nvml"``,
+                                        ``"rapl"``, ``"nvml+rapl"`` or ``"none"``
+        ``energy_measured/<s>``         1 if ``energy_joules/<s>`` was measured, else 0
+        ``total_cpu_seconds``           sum of ``cpu_seconds``
+        ``total_energy_joules``         sum of ``energy_joules``; absent unless every
+                                        stage was metered
+        ``energy_shared``               1 if the metered devices served other work too
+                                        (their energy is included); with a meter only
+        ==============================  ===============================================
         """
         result: dict[str, Any] = {}
         out = self.output
@@ -126,6 +192,19 @@ class PipelineRun:
             result[f"cache_bytes/{s.name}"] = s.bytes
             result[f"load_seconds/{s.name}"] = s.load_seconds
             result[f"prefix_key/{s.name}"] = s.prefix_key
+            result[f"cpu_seconds/{s.name}"] = s.cpu_seconds
+            result[f"energy_source/{s.name}"] = s.energy_source
+            result[f"energy_measured/{s.name}"] = int(s.energy_measured)
+            # A missing meter is missing, not 0 J: leave the keys out.
+            if s.energy_joules is not None:
+                result[f"energy_joules/{s.name}"] = s.energy_joules
+            if s.compute_energy_joules is not None:
+                result[f"compute_energy_joules/{s.name}"] = s.compute_energy_joules
+        result["total_cpu_seconds"] = self.total_cpu_seconds
+        total_energy = self.total_energy_joules
+        if total_energy is not None:
+            result["total_energy_joules"] = total_energy
+            result["energy_shared"] = int(self.energy_shared)
         return result
 
     def as_dict(self) -> dict[str, Any]:
@@ -153,6 +232,7 @@ def run_pipeline(
     device: str = "cpu",
     reporter: Callable[[dict[str, Any]], None] | None = None,
     trial_id: str | None = None,
+    meter: EnergyMeter | str | None = "auto",
 ) -> PipelineRun:
     """Run ``pipeline`` on ``config``, reusing the longest cached prefix.
 
@@ -163,16 +243,63 @@ def run_pipeline(
             stage and stores nothing.
         trial_dir: Scratch directory for stages (a temporary one by default).
         device: Device string handed to stages.
-        reporter: Receives ``ctx.report(...)`` progress dicts.
+        reporter: Receives ``ctx.report(...)`` progress dicts, with the trial's
+            running ``total_cost``, ``total_cpu_seconds`` and (with a meter)
+            ``total_energy_joules`` added.
         trial_id: Recorded as the producer of stored entries.
+        meter: The energy meter: ``"auto"`` (default) opens the meters that
+            work here (NVML for the visible GPUs when ``device`` is CUDA, RAPL
+            when readable; see :func:`eeipu_ray.energy.auto_meter`) and closes
+            them at the end; ``None`` measures no energy; an open
+            :class:`~eeipu_ray.energy.EnergyMeter` is used and left open.
 
     Raises:
         ConfigError: the config does not fit the search space.
         StageExecutionError: a stage raised (the original exception is chained).
         CodecError: a stage returned a value no codec can store (names the stage).
     """
+    from eeipu_ray.energy import NoMeter, auto_meter, visible_gpu_ids
+
     per_stage = pipeline.split_config(config)
     keys = pipeline._keys(per_stage)
+    if meter == "auto":
+        gpu_ids = visible_gpu_ids() if device.startswith("cuda") else []
+        energy_meter, owned = auto_meter(gpu_ids), True
+    elif meter is None:
+        energy_meter, owned = NoMeter({"all": "run without an energy meter (meter=None)"}), True
+    elif isinstance(meter, str):
+        raise ValueError(f"meter={meter!r}: pass 'auto', None or an EnergyMeter")
+    else:
+        energy_meter, owned = meter, False
+    try:
+        return _run(
+            pipeline,
+            per_stage,
+            keys,
+            cache,
+            energy_meter,
+            trial_dir=trial_dir,
+            device=device,
+            reporter=reporter,
+            trial_id=trial_id,
+        )
+    finally:
+        if owned:
+            energy_meter.close()
+
+
+def _run(
+    pipeline: Pipeline,
+    per_stage: list[dict[str, Any]],
+    keys: list[str],
+    cache: PrefixCache | None,
+    meter: EnergyMeter,
+    *,
+    trial_dir: str | os.PathLike[str] | None,
+    device: str,
+    reporter: Callable[[dict[str, Any]], None] | None,
+    trial_id: str | None,
+) -> PipelineRun:
     n = len(pipeline.stages)
     trial_path = (
         Path(trial_dir) if trial_dir is not None else Path(tempfile.mkdtemp(prefix="eeipu-trial-"))
@@ -181,45 +308,66 @@ def run_pipeline(
     # A name no stage can have (stage names never start with "."): a stage's
     # scratch directory trial_path/<stage> never holds restored inputs.
     restore_dir = trial_path / ".restored"
+    if meter.shared:
+        _warn_shared(meter)
 
     records: list[StageRecord] = []
     value: Any = None
     memoized = 0
     compute_so_far: list[float] = []
+    energy_so_far: list[float | None] = []
+    sources_so_far: list[str] = []
+    progress = _Progress(reporter, metered=meter.measured)
 
     # 1-2. Longest cached proper prefix (the last stage is never stored).
     if cache is not None:
         for k in range(n - 1, 0, -1):
+            span = meter.begin()
             try:
                 hit = cache.load(keys[k - 1], workdir=restore_dir)
             except (CacheError, OSError) as exc:
                 # An unreachable or failing cache costs this trial its memo, not its result.
-                logger.warning("stage %r: cache lookup failed (%s); treating it as a miss",
-                               pipeline.stages[k - 1].name, exc)
+                logger.warning(
+                    "stage %r: cache lookup failed (%s); treating it as a miss",
+                    pipeline.stages[k - 1].name,
+                    exc,
+                )
                 hit = None
             if hit is None:
                 continue
+            load_reading = span.read()
+            meta = hit.manifest.meta
             memoized, value = k, hit.value
-            compute_so_far = list(hit.manifest.meta.compute_seconds)
+            compute_so_far = list(meta.compute_seconds)
+            energy_so_far = (
+                list(meta.compute_energy_joules)
+                if meta.compute_energy_joules is not None
+                else [None] * k
+            )
+            sources_so_far = (
+                list(meta.energy_sources) if meta.energy_sources is not None else ["none"] * k
+            )
             for i in range(k):
                 stage = pipeline.stages[i]
                 if stage.load_cost is not None:
                     spent = float(stage.load_cost)
                 else:
                     spent = hit.seconds if i == k - 1 else 0.0
-                records.append(
-                    StageRecord(
-                        name=stage.name,
-                        index=i + 1,
-                        prefix_key=keys[i],
-                        status="loaded",
-                        seconds=spent,
-                        compute_seconds=float(compute_so_far[i]),
-                        bytes=hit.manifest.total_bytes if i == k - 1 else 0,
-                        load_seconds=hit.seconds if i == k - 1 else 0.0,
-                        producer=dict(hit.manifest.producer) if i == k - 1 else {},
-                    )
+                record = StageRecord(
+                    name=stage.name,
+                    index=i + 1,
+                    prefix_key=keys[i],
+                    status="loaded",
+                    seconds=spent,
+                    compute_seconds=float(compute_so_far[i]),
+                    bytes=hit.manifest.total_bytes if i == k - 1 else 0,
+                    load_seconds=hit.seconds if i == k - 1 else 0.0,
+                    producer=dict(hit.manifest.producer) if i == k - 1 else {},
+                    compute_energy_joules=_joules_or_none(energy_so_far[i]),
                 )
+                record._take_energy(load_reading, spent=i == k - 1)
+                records.append(record)
+                progress.finished(record)
             logger.info(
                 "pipeline %s: loaded stages 1..%d from cache (%.3fs, %s layer)",
                 pipeline.name,
@@ -229,7 +377,7 @@ def run_pipeline(
             )
             break
 
-    # 3-4. Run the rest, timing each stage and storing every output but the last.
+    # 3-4. Run the rest, timing and metering each stage and storing every output but the last.
     params_so_far = {s.name: p for s, p in zip(pipeline.stages, per_stage, strict=True)}
     for i in range(memoized, n):
         stage = pipeline.stages[i]
@@ -240,10 +388,12 @@ def run_pipeline(
             trial_dir=trial_path / stage.name,
             device=device,
             params={s.name: params_so_far[s.name] for s in pipeline.stages[: i + 1]},
-            _reporter=reporter,
+            _reporter=progress if reporter is not None else None,
         )
         ctx.trial_dir.mkdir(parents=True, exist_ok=True)
         _sync_cuda()
+        span = meter.begin()
+        progress.running(span, declared=stage.cost is not None)
         start = time.perf_counter()
         try:
             value = stage.call(value, params, ctx)
@@ -254,6 +404,7 @@ def run_pipeline(
             ) from exc
         _sync_cuda()
         measured = time.perf_counter() - start
+        compute_reading = span.read()
         declared = ctx._charged
         if declared is None and stage.cost is not None:
             try:
@@ -270,6 +421,8 @@ def run_pipeline(
                 )
         compute = measured if declared is None else declared
         compute_so_far.append(compute)
+        energy_so_far.append(compute_reading.joules)
+        sources_so_far.append(compute_reading.source)
         record = StageRecord(
             name=stage.name,
             index=i + 1,
@@ -277,6 +430,7 @@ def run_pipeline(
             status="executed",
             seconds=compute,
             compute_seconds=compute,
+            compute_energy_joules=compute_reading.joules,
         )
         if cache is not None and i < n - 1:
             _store(
@@ -286,12 +440,77 @@ def run_pipeline(
                 value,
                 params=per_stage[: i + 1],
                 compute=compute_so_far,
+                energy=energy_so_far,
+                sources=sources_so_far,
                 trial_id=trial_id,
                 record=record,
                 declared=declared is not None,
             )
+        record._take_energy(span.read())  # compute + store
         records.append(record)
-    return PipelineRun(output=value, stages=records, memoized_stages=memoized)
+        progress.finished(record)
+    return PipelineRun(
+        output=value, stages=records, memoized_stages=memoized, energy_shared=meter.shared
+    )
+
+
+class _Progress:
+    """Hands ``ctx.report`` progress on with the trial's running totals added."""
+
+    def __init__(self, reporter: Callable[[dict[str, Any]], None] | None, *, metered: bool):
+        self._reporter = reporter
+        self._cost = 0.0
+        self._cpu = 0.0
+        self._energy: float | None = 0.0 if metered else None
+        self._span: EnergySpan | None = None
+        self._declared = False
+
+    def running(self, span: EnergySpan, *, declared: bool) -> None:
+        self._span, self._declared = span, declared
+
+    def finished(self, record: StageRecord) -> None:
+        self._span = None
+        self._cost += record.seconds
+        self._cpu += record.cpu_seconds
+        if self._energy is not None:
+            self._energy = (
+                None if record.energy_joules is None else self._energy + record.energy_joules
+            )
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        if self._reporter is None:
+            return
+        cost, cpu, energy = self._cost, self._cpu, self._energy
+        if self._span is not None:
+            reading = self._span.read()
+            cpu += reading.cpu_seconds
+            energy = None if energy is None or reading.joules is None else energy + reading.joules
+            if not self._declared:  # a declared cost is known only when the stage ends
+                cost += reading.wall_seconds
+        totals: dict[str, Any] = {"total_cost": cost, "total_cpu_seconds": cpu}
+        if energy is not None:
+            totals["total_energy_joules"] = energy
+        self._reporter({**metrics, **totals})
+
+
+_warned_shared: set[tuple[str, ...]] = set()
+
+
+def _warn_shared(meter: EnergyMeter) -> None:
+    # Once per process and set of devices: a sweep would repeat it every trial.
+    if meter.devices in _warned_shared:
+        return
+    _warned_shared.add(meter.devices)
+    logger.warning(
+        "energy meter %s measures devices shared with other work (%s): a trial's joules "
+        "include that work, so concurrent trials on them are each charged the energy of all",
+        meter.source,
+        ", ".join(meter.devices),
+    )
+
+
+def _joules_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _store(
@@ -302,6 +521,8 @@ def _store(
     *,
     params: list[dict[str, Any]],
     compute: list[float],
+    energy: list[float | None],
+    sources: list[str],
     trial_id: str | None,
     record: StageRecord,
     declared: bool,
@@ -316,6 +537,8 @@ def _store(
         params=[_plain(p) for p in params],
         compute_seconds=list(compute),
         trial_id=trial_id,
+        compute_energy_joules=list(energy),
+        energy_sources=list(sources),
     )
     try:
         result = cache.store(key, value, meta)

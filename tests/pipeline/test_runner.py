@@ -290,8 +290,8 @@ def test_unstorable_last_output_is_fine(cache):
 def test_to_result_schema(cache):
     calls = collections.Counter()
     p = toy(calls)
-    p.run(CONFIG, cache)
-    run = p.run(CONFIG, cache)
+    p.run(CONFIG, cache, meter=None)
+    run = p.run(CONFIG, cache, meter=None)  # no energy meter: energy keys stay out
     result = run.to_result("score")
     per_stage = {
         f"{field}/{s}"
@@ -302,10 +302,20 @@ def test_to_result_schema(cache):
             "cache_bytes",
             "load_seconds",
             "prefix_key",
+            "cpu_seconds",
+            "energy_source",
+            "energy_measured",
         )
         for s in ("prep", "feat", "train")
     }
-    assert set(result) == per_stage | {"score", "n_rows", "memoized_stages", "total_cost"}
+    assert set(result) == per_stage | {
+        "score",
+        "n_rows",
+        "memoized_stages",
+        "total_cost",
+        "total_cpu_seconds",
+    }
+    assert [result[f"energy_source/{s}"] for s in ("prep", "feat", "train")] == ["none"] * 3
     assert result["score"] == 10.0 and result["n_rows"] == 5
     assert result["memoized_stages"] == 2
     assert [result[f"cache_hit/{s}"] for s in ("prep", "feat", "train")] == [1, 1, 0]
@@ -386,6 +396,7 @@ def test_stage_context(tmp_path):
         trial_dir=tmp_path / "trial",
         device="cuda:3",
         reporter=reports.append,
+        meter=None,
     )
     assert run.output == 3
     assert seen["a"].stage == "a" and seen["a"].index == 1
@@ -395,7 +406,10 @@ def test_stage_context(tmp_path):
     assert seen["b"].params == {"a": {"x": 0.5}, "b": {"y": 2}}
     assert seen["a"].trial_dir == tmp_path / "trial" / "a"
     assert (tmp_path / "trial" / "a" / "scratch.txt").read_text() == "a"
-    assert reports == [{"stage": "a", "step": 1}]
+    # Progress carries the trial's running totals; no meter, so no joules.
+    assert [{k: r[k] for k in ("stage", "step")} for r in reports] == [{"stage": "a", "step": 1}]
+    assert set(reports[0]) == {"stage", "step", "total_cost", "total_cpu_seconds"}
+    assert 0.0 <= reports[0]["total_cost"] <= run.total_seconds
 
 
 def test_default_trial_dir_is_created():
