@@ -26,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -54,6 +54,7 @@ from eeipu_ray.search.models import (
     fit_surrogates,
 )
 from eeipu_ray.search.optimize import (
+    Candidate,
     OptimizeOptions,
     Prefix,
     build_prefix_pool,
@@ -67,6 +68,7 @@ logger = logging.getLogger(__name__)
 ACQUISITIONS = ("eeipu", "ei", "eips", "carbo", "random")
 STATE_FORMAT = 1
 _MIN_OBSERVATIONS = 2  # completed trials before the GP is trusted
+_BATCH_RAW_CANDIDATES = 32  # best raw samples per prefix kept as batch candidates
 
 AvailablePrefixes = Callable[[str], bool] | Collection[str] | None
 PrefixKeysOf = Callable[[Any], list[str]] | None
@@ -105,6 +107,15 @@ class EngineOptions:
             BO iterations instead of 41, but a worse best objective (-2.80
             against -1.96), so it is not the default.
         warmup_candidates: Candidates per cheap warm-up point.
+        reserve_pending: Count the expected cost of the running trials against
+            the budget (:attr:`BOEngine.budget_committed`): with many trials in
+            flight, new ones start only while cost charged plus what the
+            running ones are expected to cost is below the budget, so the last
+            round does not overshoot it by up to one trial per worker. The
+            expected cost of a running trial is the mean charged cost of the
+            finished trials that loaded as many cached stages as it plans to
+            (all finished trials when none did). ``False``: a trial starts
+            while cost charged < budget. Sequential searches are unaffected.
         num_threads: torch intra-op threads while suggesting (restored after);
             ``None`` leaves torch's setting alone. The GPs are small (hundreds of
             points), so one thread is fastest, and the searcher does not fight
@@ -130,6 +141,7 @@ class EngineOptions:
     num_threads: int | None = 1
     warmup_design: str = "sobol"
     warmup_candidates: int = 16
+    reserve_pending: bool = True
 
     def __post_init__(self) -> None:
         if self.acquisition not in ACQUISITIONS:
@@ -165,6 +177,8 @@ class EngineOptions:
             or not 0 <= self.refit_growth < math.inf
         ):
             raise EngineOptionsError(f"refit_growth={self.refit_growth!r} must be a number >= 0")
+        if not isinstance(self.reserve_pending, bool):
+            raise EngineOptionsError(f"reserve_pending={self.reserve_pending!r} must be a bool")
         if not isinstance(self.cost_model_upstream, bool):
             raise EngineOptionsError(
                 f"cost_model_upstream={self.cost_model_upstream!r} must be a bool"
@@ -178,6 +192,17 @@ class _ModelCache:
     version: int = -1  # TrialStore.version the models were fitted at
     models: SurrogateModels | None = None
     fitter: GPFitter | None = None
+
+
+@dataclass(frozen=True)
+class _AcquisitionParts:
+    """The models of one BO step, shared by every acquisition of a batch."""
+
+    models: SurrogateModels
+    eta: float
+    best_f: float
+    stage_costs: ModelList | None  # EEIPU: fast marginals of the stage-cost GPs
+    total_cost: MarginalGP | None  # EIPS / CArBO
 
 
 @dataclass(frozen=True)
@@ -302,6 +327,34 @@ class BOEngine:
         return self.options.budget - self.budget_spent
 
     @property
+    def budget_committed(self) -> float:
+        """``budget_spent`` plus the expected cost of the pending trials (see
+        ``EngineOptions.reserve_pending``; without it, ``budget_spent``)."""
+        pending = self.store.pending
+        if not pending or not self.options.reserve_pending:
+            return self.budget_spent
+        by_depth: dict[int, list[float]] = {}
+        for r in self.store:
+            if r.finished and r.charged_cost > 0:
+                by_depth.setdefault(r.memoized_stages, []).append(r.charged_cost)
+        overall = [c for costs in by_depth.values() for c in costs]
+        if not overall:
+            return self.budget_spent  # nothing to go by yet
+        means = {d: math.fsum(c) / len(c) for d, c in by_depth.items()}
+        fallback = math.fsum(overall) / len(overall)
+        expected = math.fsum(means.get(r.planned_prefix_depth, fallback) for r in pending)
+        return self.budget_spent + expected
+
+    def can_start(self) -> bool:
+        """Whether the budget leaves room for one more trial now: nothing is
+        spent beyond it and (with ``reserve_pending``) the running trials are
+        not expected to use up the rest. ``False`` while budget is left means:
+        wait for a running trial to finish, then ask again."""
+        if self.options.budget is None:
+            return True
+        return self.budget_left > 0 and self.budget_committed < self.options.budget
+
+    @property
     def eta(self) -> float:
         """The cost exponent the next BO step uses (1 during warm-up; EIPS: 1; EI: 0)."""
         return _eta(self.options, self.budget_spent, self._spent_after_warmup)
@@ -419,19 +472,57 @@ class BOEngine:
         Returns:
             The function, or ``None`` when the next step is not a BO step.
         """
+        compute = self.lookahead_batch(available_prefixes, 1)
+        if compute is None:
+            return None
+        return lambda: compute()[0]
+
+    def lookahead_batch(
+        self,
+        available_prefixes: AvailablePrefixes = None,
+        q: int = 1,
+        reserved: Sequence[Proposal] = (),
+    ) -> Callable[[], list[Proposal]] | None:
+        """Like :meth:`lookahead`, for up to ``q`` proposals from one optimization.
+
+        For many workers: one acquisition optimization yields a batch (see
+        :meth:`_propose_batch`: the first proposal is the sequential step's,
+        the others are chosen greedily with the earlier ones as pending
+        points), so ``suggest`` keeps up with workers that free a slot faster
+        than one optimization runs. Hand the proposals to :meth:`suggest` one
+        by one; each is checked again when it is used (:meth:`usable`).
+
+        Args:
+            available_prefixes: As for :meth:`suggest`.
+            q: Proposals wanted (>= 1).
+            reserved: Proposals computed earlier and not handed out yet; the
+                new batch treats them as pending, so it does not repeat them.
+
+        Returns:
+            The function, or ``None`` when the next step is not a BO step.
+        """
+        if isinstance(q, bool) or not isinstance(q, int) or q < 1:
+            raise ValueError(f"q={q!r} must be an int >= 1")
         if not self.next_is_bo():
             return None
         self._enter_bo()
         store = self.store.snapshot()
-        step = self._bo_steps
+        step = self._bo_steps + len(reserved)
         available = _as_predicate(available_prefixes)
         threads = self.options.num_threads
+        configs = [p.config for p in reserved]
 
-        def compute() -> Proposal:
+        def compute() -> list[Proposal]:
             with _torch_threads(threads):
-                return self._propose(store, available, step)
+                return self._propose_batch(store, available, step, q, reserved=configs)
 
         return compute
+
+    def usable(self, proposal: Proposal | None) -> bool:
+        """Whether a proposal computed earlier (:meth:`lookahead_batch`) still makes
+        sense now: its prefix's source trial has not failed, and no trial has had
+        its config meanwhile."""
+        return self._usable(proposal)
 
     def on_result(
         self, trial_id: str, result: Mapping[str, Any] | None, error: bool | str = False
@@ -644,44 +735,53 @@ class BOEngine:
     def _propose(
         self, store: TrialStore, available: Callable[[str], bool] | None, step: int
     ) -> Proposal:
+        return self._propose_batch(store, available, step, 1)[0]
+
+    def _propose_batch(
+        self,
+        store: TrialStore,
+        available: Callable[[str], bool] | None,
+        step: int,
+        q: int,
+        reserved: Sequence[Mapping[str, Any]] = (),
+    ) -> list[Proposal]:
+        """Up to ``q`` proposals from one acquisition optimization.
+
+        The first is the acquisition's maximizer over the prefix pool (what a
+        sequential step proposes). Each further one is chosen greedily from
+        the optimizer's candidate set (every restart's end point and the best
+        raw samples of every prefix), re-scored after the proposals chosen so
+        far joined the pending trials: kriging believer, so EI collapses
+        around them, and their prefixes count as about to be cached. Fewer
+        than ``q`` come back when the candidates run out of untried configs.
+
+        Args:
+            store: The records (a snapshot under a lookahead).
+            available: Which prefix keys can be loaded.
+            step: The BO step (seeds the optimizer).
+            q: Proposals wanted (>= 1).
+            reserved: Configs handed out elsewhere but not yet in ``store``
+                (proposals queued by the caller): treated as pending.
+        """
         opts = self.options
         models = self._models(store)
-        pending = store.pending
-        X_pending = torch.stack([r.x for r in pending]) if pending else None
-        objective = MarginalGP(models.objective, X_pending)  # kriging believer
-        best_f = max(float(r.objective) for r in store.completed)  # type: ignore[arg-type]
         eta = _eta(opts, store.budget_spent, self._spent_after_warmup)
         seed = opts.seed + 7919 * step
-
-        cached = self._cached_prefixes(store, available) if opts.acquisition == "eeipu" else None
-        acqf: CostAwareLogEI
-        if opts.acquisition == "eeipu":
-            assert models.stage_costs is not None
-            stage_costs = ModelList(*(MarginalGP(m) for m in models.stage_costs.models))
-            acqf = LogEEIPU(
-                objective,
-                best_f,
-                stage_costs,
-                models.load_costs,
-                cached,
-                eta=eta,
-                mc_samples=opts.mc_samples,
-            )
-        elif opts.acquisition in ("eips", "carbo"):
-            assert models.total_cost is not None
-            total = MarginalGP(models.total_cost)
-            if opts.acquisition == "eips":
-                acqf = LogEIPS(objective, best_f, total, mc_samples=opts.mc_samples)
-            else:
-                acqf = LogCArBO(objective, best_f, total, eta=eta, mc_samples=opts.mc_samples)
-        else:
-            acqf = CostAwareLogEI(objective, best_f, cost=None, eta=0.0)
+        parts = self._acquisition_parts(models, store, eta)
+        if reserved:
+            store = store.snapshot()
+            for i, config in enumerate(reserved):
+                store.add_pending(
+                    f"__reserved-{step}-{i}", _copy_config(config), self.space.to_unit(config)
+                )
+        acqf, cached = self._acquisition(parts, store, available)
 
         if opts.acquisition == "eeipu":
             top = [(r.trial_id, r.x, r.prefix_keys) for r in store.top(opts.top_q)]
+            lookup = store
 
             def is_available(trial_id: str, depth: int, key: str | None) -> bool:
-                return _prefix_available(store[trial_id], depth, key, available)
+                return _prefix_available(lookup[trial_id], depth, key, available)
 
             pool = build_prefix_pool(top, self.space.n_stages, self._prefix_dims, is_available)
         else:
@@ -695,24 +795,126 @@ class BOEngine:
                 num_restarts=opts.num_restarts, raw_samples=opts.raw_samples, maxiter=opts.maxiter
             ),
             seed=seed,
+            keep_raw=_BATCH_RAW_CANDIDATES if q > 1 else 0,
         )
         # The best candidate whose config no trial has had: re-running an
         # evaluated config (an acquisition maximum on a boundary of the cube,
         # say) would spend budget to learn nothing new.
         snapped = self.space.snap(torch.stack([c.x for c in ranked]))
-        repeat = self._is_repeat(snapped, store).tolist()
-        fresh = [c for c, r in zip(ranked, repeat, strict=True) if not r]
+        repeat = self._is_repeat(snapped, store)
+        fresh = [i for i, r in enumerate(repeat.tolist()) if not r]
         if fresh:
-            candidate = fresh[0]
-            x = candidate.x
+            first: Candidate | None = ranked[fresh[0]]
+            x = ranked[fresh[0]].x
         else:
             logger.info(
                 "BO step %d: every optimized candidate repeats a tried config; exploring a "
                 "random point instead",
                 step,
             )
-            candidate = None
+            first = None
             x = self._random.propose(10_000 + step)
+        proposals = [self._proposal(store, first, x, cached, eta, step)]
+        if q == 1 or not fresh:
+            return proposals
+
+        # Greedy batch: the chosen points become pending, the rest is re-scored.
+        work = store.snapshot()
+        X_cand = torch.stack([c.x for c in ranked])
+        taken = repeat.clone()
+        taken[fresh[0]] = True
+        for j in range(1, q):
+            chosen = proposals[-1]
+            work.add_pending(
+                f"__batch-{step}-{j}", chosen.config, self.space.to_unit(chosen.config)
+            )
+            taken |= (
+                (snapped - self.space.snap(self.space.to_unit(chosen.config))).abs() <= 1e-9
+            ).all(-1)
+            if bool(taken.all()):
+                break
+            acqf_j, cached_j = self._acquisition(parts, work, available)
+            with torch.no_grad():
+                values = acqf_j(X_cand.unsqueeze(-2))
+            values = torch.where(
+                taken | ~torch.isfinite(values), torch.full_like(values, -math.inf), values
+            )
+            best = int(values.argmax())
+            if not math.isfinite(float(values[best])):
+                break
+            taken[best] = True
+            candidate = replace(ranked[best], value=float(values[best]))
+            proposals.append(self._proposal(work, candidate, candidate.x, cached_j, eta, step))
+        return proposals
+
+    def _acquisition_parts(
+        self, models: SurrogateModels, store: TrialStore, eta: float
+    ) -> _AcquisitionParts:
+        """What one BO step's acquisitions share, however many pending points they see."""
+        opts = self.options
+        stage_costs = total = None
+        if opts.acquisition == "eeipu":
+            assert models.stage_costs is not None
+            stage_costs = ModelList(*(MarginalGP(m) for m in models.stage_costs.models))
+        elif opts.acquisition in ("eips", "carbo"):
+            assert models.total_cost is not None
+            total = MarginalGP(models.total_cost)
+        best_f = max(float(r.objective) for r in store.completed)  # type: ignore[arg-type]
+        return _AcquisitionParts(models, eta, best_f, stage_costs, total)
+
+    def _acquisition(
+        self,
+        parts: _AcquisitionParts,
+        store: TrialStore,
+        available: Callable[[str], bool] | None,
+    ) -> tuple[CostAwareLogEI, CachedPrefixes | None]:
+        """The acquisition given the pending trials of ``store`` (and its cached prefixes)."""
+        opts = self.options
+        pending = store.pending
+        X_pending = torch.stack([r.x for r in pending]) if pending else None
+        objective = MarginalGP(parts.models.objective, X_pending)  # kriging believer
+        best_f = parts.best_f
+        if objective.believed_max is not None:  # the believer's incumbent
+            best_f = max(best_f, objective.believed_max)
+        cached = self._cached_prefixes(store, available) if opts.acquisition == "eeipu" else None
+        acqf: CostAwareLogEI
+        if opts.acquisition == "eeipu":
+            assert parts.stage_costs is not None
+            acqf = LogEEIPU(
+                objective,
+                best_f,
+                parts.stage_costs,
+                parts.models.load_costs,
+                cached,
+                eta=parts.eta,
+                mc_samples=opts.mc_samples,
+            )
+        elif opts.acquisition == "eips":
+            assert parts.total_cost is not None
+            acqf = LogEIPS(objective, best_f, parts.total_cost, mc_samples=opts.mc_samples)
+        elif opts.acquisition == "carbo":
+            assert parts.total_cost is not None
+            acqf = LogCArBO(
+                objective,
+                best_f,
+                parts.total_cost,
+                eta=parts.eta,
+                mc_samples=opts.mc_samples,
+            )
+        else:
+            acqf = CostAwareLogEI(objective, best_f, cost=None, eta=0.0)
+        return acqf, cached
+
+    def _proposal(
+        self,
+        store: TrialStore,
+        candidate: Candidate | None,
+        x: Tensor,
+        cached: CachedPrefixes | None,
+        eta: float,
+        step: int,
+    ) -> Proposal:
+        """The config of cube point ``x`` (the candidate's, or a random point)."""
         config = self.space.from_unit(x)
         prefix = candidate.prefix if candidate is not None else Prefix(depth=0)
         if prefix.depth > 0 and prefix.source_trial is not None:

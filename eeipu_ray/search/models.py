@@ -452,7 +452,10 @@ class MarginalGP(Model):
     training set with the GP's own mean ``mu(x_p)`` as its value. The mean is
     unchanged while the variance at and near ``x_p`` collapses, so EI there
     drops and parallel workers are sent elsewhere; hyperparameters are not
-    refit. This keeps the analytic (exact, smooth) log-EI for ``q = 1``, where
+    refit. Where ``mu(x_p)`` beats the incumbent, the believer's incumbent is
+    ``mu(x_p)`` (:attr:`believed_max`): an acquisition must use it, or EI near
+    a point predicted well above the incumbent (``mu - f* >> sigma``) would not
+    drop at all. This keeps the analytic (exact, smooth) log-EI for ``q = 1``, where
     ``qLogExpectedImprovement`` with ``X_pending`` would add Monte-Carlo noise
     to every evaluation.
 
@@ -481,6 +484,7 @@ class MarginalGP(Model):
             y = gp.train_targets.unsqueeze(-1)  # transformed (standardized) scale
             self.register_buffer("noise", gp.likelihood.noise.detach().reshape(()).clone())
             L, alpha = self._factor(X, y)
+            y_p = None
             if X_pending is not None and X_pending.shape[0] > 0:
                 Xp = X_pending.to(X)
                 y_p = self._predict(Xp, X, L, alpha)[0]  # believe the mean
@@ -494,6 +498,10 @@ class MarginalGP(Model):
         scale = transform.stdvs.reshape(()) if transform is not None else torch.ones(())
         self.register_buffer("y_shift", shift.detach().to(X))
         self.register_buffer("y_scale", scale.detach().to(X))
+        # The largest believed value, original scale: a believer's incumbent.
+        self.believed_max: float | None = (
+            None if y_p is None else float((y_p * self.y_scale + self.y_shift).max())
+        )
 
     def posterior(
         self,

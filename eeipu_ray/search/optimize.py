@@ -147,6 +147,7 @@ def rank_over_pool(
     dim: int,
     options: OptimizeOptions | None = None,
     seed: int = 0,
+    keep_raw: int = 0,
 ) -> list[Candidate]:
     """Maximize ``acqf`` once per prefix of the pool; every restart's end point, best first.
 
@@ -164,6 +165,9 @@ def rank_over_pool(
         dim: ``d``.
         options: Restarts, raw samples, iterations.
         seed: Seeds the raw samples and the choice of restarts.
+        keep_raw: Also return the ``keep_raw`` best raw samples of every prefix
+            (after the restarts' end points, best first): more candidates for a
+            caller that picks several points (a batch).
 
     Returns:
         One :class:`Candidate` per restart with a finite value, best first; each
@@ -218,12 +222,13 @@ def rank_over_pool(
     owner = torch.tensor(owners, dtype=torch.double)
     X0 = torch.cat([torch.cat(starts), owner.unsqueeze(-1)], dim=-1).unsqueeze(-2)  # b x 1 x d+1
 
+    extra = _best_raw(X_raw, vals, n_raw, pool, keep_raw)
     wrapped = _PoolAcquisition(acqf, fixed, template)
     if not _has_gradient(wrapped, X0[:1]):
         # Every free dimension is discrete (snapped to its cells): the best raw
         # points are all there is to find; L-BFGS-B would see no gradient.
         with torch.no_grad():
-            return _ranked(X0, wrapped(X0), owners, fixed, template, pool, dim)
+            return _ranked(X0, wrapped(X0), owners, fixed, template, pool, dim) + extra
     with warnings.catch_warnings(record=True) as caught:
         # L-BFGS-B stopping at the iteration limit or on a line-search failure
         # still returns its best point; say so at debug level only.
@@ -242,7 +247,23 @@ def rank_over_pool(
             logger.debug("acquisition optimizer: %s", w.message)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return _ranked(cands, cand_vals, owners, fixed, template, pool, dim)
+    return _ranked(cands, cand_vals, owners, fixed, template, pool, dim) + extra
+
+
+def _best_raw(
+    X_raw: Tensor, vals: Tensor, n_raw: Sequence[int], pool: Sequence[Prefix], keep: int
+) -> list[Candidate]:
+    """The ``keep`` best finite raw samples of every prefix, best first overall."""
+    if keep <= 0:
+        return []
+    out = []
+    for i, (X_i, vals_i) in enumerate(zip(X_raw.split(n_raw), vals.split(n_raw), strict=True)):
+        finite = torch.isfinite(vals_i)
+        X_f, vals_f = X_i[finite], vals_i[finite]
+        for j in vals_f.argsort(descending=True)[:keep].tolist():
+            out.append(Candidate(x=X_f[j].clone(), prefix=pool[i], value=float(vals_f[j])))
+    out.sort(key=lambda c: -c.value)
+    return out
 
 
 def _ranked(

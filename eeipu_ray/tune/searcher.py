@@ -8,11 +8,15 @@ and checkpoints the engine's state atomically for ``Tuner.restore``.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import copy
 import logging
+import math
 import os
 import pickle
+import statistics
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -26,7 +30,7 @@ if TYPE_CHECKING:
     from eeipu_ray.cache import PrefixCache
     from eeipu_ray.pipeline import Pipeline
     from eeipu_ray.search import BOEngine, EngineOptions
-    from eeipu_ray.search.engine import Decision
+    from eeipu_ray.search.engine import Decision, Proposal
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,15 @@ class EEIPUSearcher(Searcher):
     searcher over a plain Tune search space: the cost of a trial is read from
     ``cost_key`` (``time_total_s`` by default).
 
+    With ``cost="energy"`` the costs are joules: the budget is in joules, the
+    stage-cost GPs model each stage's measured compute energy
+    (``compute_energy_joules/<s>``, the original energy of a cached stage),
+    and a trial is charged the energy it spent (``energy_joules/<s>``; a trial
+    a scheduler stopped early, ``total_energy_joules`` so far). Trials must run
+    where a meter works (``pipeline.as_trainable(energy="required")`` fails
+    them up front otherwise); a result that carries costs but no measured
+    energy is refused with :class:`~eeipu_ray.errors.EnergyMeterError`.
+
     Args:
         pipeline: The pipeline being tuned (its nested search space is used),
             or ``None`` for a plain search space.
@@ -55,7 +68,10 @@ class EEIPUSearcher(Searcher):
         mode: ``"max"`` or ``"min"`` (or set by ``TuneConfig(mode=...)``).
         budget: Total cost the search may spend, in the trials' cost unit
             (seconds); ``Searcher.FINISHED`` is returned once it is spent.
-            ``None``: no budget (no cost cooling).
+            While trials run, a new one starts only if the running ones are
+            not expected to spend the rest (``suggest`` returns ``None``, wait,
+            until one finishes; ``EngineOptions(reserve_pending=False)`` turns
+            that off). ``None``: no budget (no cost cooling).
         cache: The prefix cache the trials use; the searcher asks it which
             prefixes are still cached and pins the ones it plans to reuse.
         acquisition: ``"eeipu"`` (default), ``"ei"``, ``"eips"``, ``"carbo"``, ``"random"``.
@@ -68,7 +84,10 @@ class EEIPUSearcher(Searcher):
             Tune then starts trials as resources allow, one pending at a time
             unless ``TUNE_MAX_PENDING_TRIALS_PG`` says more). ``ConcurrencyLimiter``
             sets it too.
-        cost_key: Result key holding a plain trainable's cost.
+        cost: ``"time"`` (default: seconds of stage time) or ``"energy"``
+            (joules measured by the trials' energy meters; see above).
+        cost_key: Result key holding a plain trainable's cost (default
+            ``time_total_s``; ``total_energy_joules`` with ``cost="energy"``).
         lookahead: Compute the next BO proposal in a background thread as soon
             as a suggestion is handed out, so a freed trial slot is refilled at
             once instead of after a full acquisition optimization
@@ -77,6 +96,14 @@ class EEIPUSearcher(Searcher):
             (default): on when ``max_concurrent > 1``, or with no limit
             (``0``) whenever more than one trial is running; a sequential
             search (``max_concurrent=1``) stays exact.
+        batch_size: Proposals one lookahead computes from one acquisition
+            optimization (greedy batch: the later ones treat the earlier ones
+            as pending, see ``BOEngine.lookahead_batch``). ``"auto"``
+            (default): as many as trial slots are expected to free up while
+            one batch is computed (running trials / their median duration x
+            the last batch's compute time, plus one), so that ``suggest`` keeps
+            up with many workers; with few workers or long trials that is 1,
+            which is the plain lookahead. An int fixes it.
         options: Further :class:`~eeipu_ray.search.EngineOptions` (restarts,
             samples, top-Q, ...); the arguments above override its fields.
 
@@ -101,15 +128,21 @@ class EEIPUSearcher(Searcher):
         n_warmup: int = 10,
         seed: int = 0,
         max_concurrent: int = 0,
-        cost_key: str = "time_total_s",
+        cost: str = "time",
+        cost_key: str | None = None,
         options: EngineOptions | None = None,
         lookahead: bool | None = None,
+        batch_size: int | str = "auto",
     ) -> None:
         super().__init__(metric=metric, mode=mode)
         if pipeline is not None and space is not None:
             raise SearcherStateError("give either a pipeline or a space, not both")
         if not isinstance(max_concurrent, int) or max_concurrent < 0:
             raise ValueError(f"max_concurrent={max_concurrent!r} must be an int >= 0")
+        if batch_size != "auto" and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"batch_size={batch_size!r} must be 'auto' or an int >= 1")
         self._pipeline = pipeline
         self._cache = cache
         self._budget = budget
@@ -117,7 +150,10 @@ class EEIPUSearcher(Searcher):
         self._n_warmup = n_warmup
         self._seed = seed
         self._max_concurrent = max_concurrent
-        self._cost_key = cost_key
+        if cost not in ("time", "energy"):
+            raise ValueError(f"cost={cost!r} must be 'time' or 'energy'")
+        self._cost = cost
+        self._cost_key = cost_key or ("total_energy_joules" if cost == "energy" else "time_total_s")
         self._base_options = options
         self._points = [copy.deepcopy(dict(p)) for p in points_to_evaluate or []]
         self._space = (
@@ -130,9 +166,11 @@ class EEIPUSearcher(Searcher):
         self._pending_state: dict[str, Any] | None = None
         self._n_evaluated = 0
         self._lookahead = lookahead
+        self._batch_size = batch_size
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._future: concurrent.futures.Future[Any] | None = None
-        self._ready: Any = None  # a finished lookahead proposal
+        self._queue: list[Proposal] = []  # finished lookahead proposals, oldest first
+        self._timing = _Timing()
         if self._space is not None and metric is not None and mode is not None:
             self._build_engine()
 
@@ -196,6 +234,8 @@ class EEIPUSearcher(Searcher):
         engine = self.engine
         if self._max_concurrent and len(engine.store.pending) >= max(1, self._max_concurrent):
             return None
+        if engine.budget_left > 0 and not engine.can_start():
+            return None  # the running trials are expected to spend the rest: wait
         if self._points:
             config = self._points.pop(0)
             if engine.budget_left <= 0:
@@ -208,14 +248,10 @@ class EEIPUSearcher(Searcher):
             prefix_keys_of=self._keys_of(),
             lookahead=self._take_lookahead(),
         )
-        if config is not None and self._lookahead_on():
-            compute = engine.lookahead(self._available())
-            if compute is not None:
-                if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(
-                        max_workers=1, thread_name_prefix="eeipu-lookahead"
-                    )
-                self._future = self._executor.submit(compute)
+        if config is not None:
+            self._timing.started(trial_id)
+            if self._lookahead_on():
+                self._refill()
         if config is None:
             logger.info(
                 "EEIPUSearcher: budget spent (%.4g of %s); no more trials",
@@ -236,6 +272,7 @@ class EEIPUSearcher(Searcher):
             logger.warning("EEIPUSearcher: result for unknown trial %s ignored", trial_id)
             return
         engine.on_result(trial_id, self._with_cost(result), error=error)
+        self._timing.finished(trial_id)
         self._sync_pins()
 
     def add_evaluated_point(
@@ -313,7 +350,9 @@ class EEIPUSearcher(Searcher):
         # Tuner pickles the searcher: ship the engine as its plain state, not
         # as fitted GPs.
         state = self.__dict__.copy()
-        state["_executor"] = state["_future"] = state["_ready"] = None
+        state["_executor"] = state["_future"] = None
+        state["_queue"] = []
+        state["_timing"] = _Timing()
         if self._engine is not None:
             state["_pending_state"] = self._state()
             state["_engine"] = None
@@ -359,19 +398,52 @@ class EEIPUSearcher(Searcher):
         return self._max_concurrent > 1 or len(self.engine.store.pending) > 1
 
     def _settle(self) -> None:
-        """Wait for the lookahead in flight, if any, and keep its proposal."""
+        """Wait for the lookahead in flight, if any, and queue its proposals."""
         future, self._future = self._future, None
         if future is None:
             return
         try:
-            self._ready = future.result()
+            self._queue.extend(future.result())
         except Exception:  # the synchronous path computes (and raises) again
             logger.warning("EEIPUSearcher: lookahead proposal failed", exc_info=True)
 
-    def _take_lookahead(self) -> Any:
-        self._settle()
-        proposal, self._ready = self._ready, None
-        return proposal
+    def _take_lookahead(self) -> Proposal | None:
+        """The oldest queued proposal that is still usable; waits for the batch in
+        flight only when none is. ``None``: compute synchronously."""
+        for wait in (False, True):
+            if wait:
+                self._settle()  # also: no lookahead may run beside a synchronous step
+            while self._queue:
+                proposal = self._queue.pop(0)
+                if self.engine.usable(proposal):
+                    return proposal
+        return None
+
+    def _refill(self) -> None:
+        """Start the next lookahead batch unless one runs or the queue is full enough."""
+        if self._future is not None:
+            return
+        target = self._target_batch()
+        if len(self._queue) >= target:
+            return
+        compute = self.engine.lookahead_batch(
+            self._available(), target - len(self._queue), reserved=list(self._queue)
+        )
+        if compute is None:
+            return
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="eeipu-lookahead"
+            )
+        self._future = self._executor.submit(self._timing.timed, compute)
+
+    def _target_batch(self) -> int:
+        """Proposals to keep ready: ``batch_size``, or its ``"auto"`` estimate."""
+        if self._batch_size != "auto":
+            return int(self._batch_size)
+        running = len(self.engine.store.pending)
+        cap = self._max_concurrent or max(running, 1)
+        return max(1, min(cap, self._timing.demand(running)))
 
     def _keys_of(self) -> Any:
         return self._pipeline.prefix_keys if self._pipeline is not None else None
@@ -391,12 +463,63 @@ class EEIPUSearcher(Searcher):
         return available
 
     def _with_cost(self, result: dict[str, Any] | None) -> dict[str, Any] | None:
+        if self._cost == "energy" and result is not None:
+            result = self._energy_as_cost(result)
         if result is None or self._pipeline is not None:
             return result
         if "stage_costs" in result or self._cost_key not in result:
             return result
         cost = result[self._cost_key]
         return {**result, "stage_costs": cost, "compute_costs": cost}
+
+    def _energy_as_cost(self, result: dict[str, Any]) -> dict[str, Any]:
+        """``result`` with joules in the engine's cost fields (``cost="energy"``).
+
+        Time-based costs are dropped, never mixed in: a stage without measured
+        energy has no cost here. A result that reports costs but no energy came
+        from a node without a meter and is refused.
+
+        Raises:
+            EnergyMeterError: the result has costs but no measured energy.
+        """
+        from eeipu_ray.errors import EnergyMeterError
+
+        if self._pipeline is None:
+            if self._cost_key in result or "stage_costs" in result:
+                return result
+            if "time_total_s" in result or "total_cost" in result:
+                raise EnergyMeterError(
+                    f"EEIPUSearcher(cost='energy'): the result has no {self._cost_key!r} "
+                    "(joules); report measured energy under that key or pass cost_key="
+                )
+            return result
+        energy = {
+            f"stage_costs/{k[len('energy_joules/') :]}": v
+            for k, v in result.items()
+            if k.startswith("energy_joules/")
+        }
+        energy.update(
+            (f"compute_costs/{k[len('compute_energy_joules/') :]}", v)
+            for k, v in result.items()
+            if k.startswith("compute_energy_joules/")
+        )
+        if "total_energy_joules" in result:
+            energy["total_cost"] = result["total_energy_joules"]
+        has_time_costs = "total_cost" in result or any(k.startswith("stage_costs/") for k in result)
+        if has_time_costs and not energy:
+            sources = sorted({str(v) for k, v in result.items() if k.startswith("energy_source/")})
+            raise EnergyMeterError(
+                "EEIPUSearcher(cost='energy'): a trial reported costs but no measured energy "
+                f"(energy sources: {sources or ['none']}): no energy meter works where it ran. "
+                "Run trials on nodes with NVIDIA GPUs (NVML, the 'energy' extra) or readable "
+                "RAPL counters, or use cost='time'"
+            )
+        kept = {
+            k: v
+            for k, v in result.items()
+            if k != "total_cost" and not k.startswith(("stage_costs/", "compute_costs/"))
+        }
+        return {**kept, **energy}
 
     def _sync_pins(self) -> None:
         if self._cache is None or self._engine is None:
@@ -411,3 +534,37 @@ class EEIPUSearcher(Searcher):
             logger.warning("EEIPUSearcher: could not update cache pins: %s", exc)
             return
         self._pinned = wanted
+
+
+class _Timing:
+    """Wall-clock figures behind ``batch_size="auto"``: how long trials run, and
+    how long one lookahead batch takes to compute."""
+
+    def __init__(self, window: int = 32) -> None:
+        self._start: dict[str, float] = {}
+        self._durations: collections.deque[float] = collections.deque(maxlen=window)
+        self.batch_seconds: float | None = None
+
+    def started(self, trial_id: str) -> None:
+        self._start[trial_id] = time.monotonic()
+
+    def finished(self, trial_id: str) -> None:
+        began = self._start.pop(trial_id, None)
+        if began is not None:
+            self._durations.append(time.monotonic() - began)
+
+    def timed(self, compute: Any) -> Any:
+        began = time.monotonic()
+        out = compute()
+        self.batch_seconds = time.monotonic() - began
+        return out
+
+    def demand(self, running: int) -> int:
+        """Suggestions needed while one batch is computed, plus one: ``running``
+        trials of median duration ``D`` free ``running / D`` slots a second
+        (taken twice, as a margin)."""
+        if self.batch_seconds is None or not self._durations or running < 1:
+            return 1
+        duration = max(statistics.median(self._durations), 1e-6)
+        # Twice the expected need: a refit makes the occasional batch slower.
+        return 1 + math.ceil(2.0 * running * self.batch_seconds / duration)

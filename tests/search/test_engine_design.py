@@ -184,3 +184,70 @@ def test_a_lookahead_that_repeats_a_config_is_dropped() -> None:
     engine.register("dup", proposal.config)
     config = engine.suggest("next", lookahead=proposal)
     assert config is not None and config != proposal.config
+
+
+def test_a_batch_starts_with_the_sequential_proposal_and_spreads_out() -> None:
+    engine = _engine_after_bo()
+    running = engine.suggest("r0")
+    assert running is not None
+    single = engine.lookahead_batch(q=1)
+    batch = engine.lookahead_batch(q=5)
+    assert single is not None and batch is not None
+    (alone,) = single()
+    proposals = batch()
+    assert len(proposals) == 5
+    assert proposals[0].config == alone.config  # one optimization; the first is its maximizer
+    X = torch.stack([engine.space.to_unit(p.config) for p in proposals])
+    X = torch.cat([X, engine.store["r0"].x.unsqueeze(0)])
+    gaps = torch.cdist(X, X) + torch.eye(X.shape[0]) * 10
+    # Each later point was chosen with the earlier ones (and the running trial)
+    # believed: none lands on top of another.
+    assert float(gaps.min()) > 1e-3
+    # A batch computed while the first one is still queued does not repeat it.
+    more = engine.lookahead_batch(q=3, reserved=proposals)
+    assert more is not None
+    for p in more():
+        assert all(p.config != r.config for r in proposals)
+    with pytest.raises(ValueError, match="q=0"):
+        engine.lookahead_batch(q=0)
+
+
+def test_the_believer_incumbent_is_the_best_believed_pending_value() -> None:
+    from eeipu_ray.search.models import GPFitter, MarginalGP
+
+    X = torch.rand(12, 2, dtype=torch.double, generator=torch.Generator().manual_seed(0))
+    y = (X.sum(-1, keepdim=True) - 1.0) ** 2
+    gp = GPFitter([0, 0]).fit("objective", X, y)
+    assert MarginalGP(gp).believed_max is None
+    pending = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.5, 0.5]], dtype=torch.double)
+    fast = MarginalGP(gp, X_pending=pending)
+    with torch.no_grad():
+        means = gp.posterior(pending).mean.reshape(-1)
+    assert fast.believed_max == pytest.approx(float(means.max()), rel=1e-6, abs=1e-8)
+
+
+def _costed(score: float, cost: float) -> dict:
+    return {"score": score, "stage_costs/prep": cost, "stage_costs/train": 0.0}
+
+
+@pytest.mark.parametrize("reserve", [True, False])
+def test_running_trials_reserve_their_expected_cost(reserve: bool) -> None:
+    engine = BOEngine(
+        _space(), EngineOptions(n_warmup=10, budget=20.0, reserve_pending=reserve, **FAST)
+    )
+    for i, cost in enumerate((3.0, 5.0)):
+        engine.suggest(f"t{i}")
+        engine.on_result(f"t{i}", _costed(0.0, cost))
+    for i in range(3):
+        engine.suggest(f"r{i}")
+    assert engine.budget_spent == pytest.approx(8.0)
+    # Three running trials, expected 4 each (the mean so far): 8 + 12 = 20.
+    assert engine.budget_committed == pytest.approx(20.0 if reserve else 8.0)
+    assert engine.can_start() is (not reserve)
+    engine.on_result("r0", _costed(0.0, 1.0))  # cheaper than expected: room again
+    assert engine.budget_committed == pytest.approx(9.0 + 2 * 3.0 if reserve else 9.0)
+    assert engine.can_start()
+    engine.on_result("r1", _costed(0.0, 11.0))
+    assert engine.budget_left == pytest.approx(0.0)
+    assert not engine.can_start()
+    assert engine.suggest("late") is None  # spent: no more trials

@@ -164,7 +164,7 @@ def test_lookahead_refills_a_slot_with_a_proposal_computed_while_trials_ran(
 ) -> None:
     pipeline = load_pipeline("synthetic")
     sequential = make_searcher(pipeline, None, budget=1000.0, max_concurrent=1)
-    searcher = make_searcher(pipeline, None, budget=1000.0, max_concurrent=4)
+    searcher = make_searcher(pipeline, None, budget=1000.0, max_concurrent=4, batch_size=1)
     for s in (sequential, searcher):
         for i in range(5):
             config = s.suggest(f"w{i}")
@@ -176,8 +176,8 @@ def test_lookahead_refills_a_slot_with_a_proposal_computed_while_trials_ran(
     assert isinstance(first, dict)
     assert searcher._future is not None  # the next proposal is being computed
     searcher.save(str(tmp_path / "ckpt.pkl"))  # waits for it, keeps it
-    ahead = searcher._ready
-    assert ahead is not None and searcher._future is None
+    assert len(searcher._queue) == 1 and searcher._future is None
+    ahead = searcher._queue[0]
     searcher.on_trial_complete("p0", result=pipeline.run(first).to_result("score"))
     second = searcher.suggest("p1")
     assert second == ahead.config
@@ -185,6 +185,72 @@ def test_lookahead_refills_a_slot_with_a_proposal_computed_while_trials_ran(
     restored = make_searcher(pipeline, None, budget=1000.0, max_concurrent=4)
     restored.restore(str(tmp_path / "ckpt.pkl"))
     assert [r.trial_id for r in restored.engine.records][-1] == "p0"
+
+
+def test_a_batch_lookahead_fills_several_slots_from_one_optimization() -> None:
+    pipeline = load_pipeline("synthetic")
+    searcher = make_searcher(pipeline, None, budget=1000.0, max_concurrent=8, batch_size=4)
+    for i in range(6):
+        config = searcher.suggest(f"w{i}")
+        searcher.on_trial_complete(f"w{i}", result=pipeline.run(config).to_result("score"))
+    searcher._settle()  # BO began during the warm-up: start from an empty queue
+    searcher._queue.clear()
+    first = searcher.suggest("p0")  # computed now; then a batch of 4 in the background
+    assert isinstance(first, dict)
+    searcher._settle()
+    queued = [p.config for p in searcher._queue]
+    assert len(queued) == 4  # one optimization, four proposals
+    # The next slots are filled from the queue, oldest first, without a new
+    # optimization in between; every config is distinct.
+    configs = [first] + [searcher.suggest(f"p{i}") for i in range(1, 5)]
+    assert configs[1:] == queued
+    keys = {repr(sorted((s, sorted(v.items())) for s, v in c.items())) for c in configs}
+    assert len(keys) == 5
+    assert [searcher.engine.store[f"p{i}"].phase for i in range(5)] == ["bo"] * 5
+    # A queued proposal whose config a trial meanwhile had is dropped, not reused.
+    searcher._settle()
+    taken = searcher._queue[0]
+    searcher.engine.register("outside", taken.config)
+    assert searcher.suggest("p5") != taken.config
+
+
+def test_suggest_waits_while_running_trials_are_expected_to_spend_the_budget() -> None:
+    from ray.tune.search import Searcher
+
+    pipeline = load_pipeline("synthetic")
+    searcher = make_searcher(pipeline, None, budget=30.0, max_concurrent=16, lookahead=False)
+    for i in range(2):
+        config = searcher.suggest(f"w{i}")
+        searcher.on_trial_complete(f"w{i}", result=pipeline.run(config).to_result("score"))
+    running: dict[str, Any] = {}
+    while (config := searcher.suggest(f"r{len(running)}")) is not None:
+        assert config != Searcher.FINISHED
+        running[f"r{len(running)}"] = config
+    engine = searcher.engine
+    assert 0 < engine.budget_left and engine.budget_committed >= 30.0
+    assert len(running) < 16  # the budget, not the concurrency limit, said wait
+    for trial_id, config in running.items():
+        searcher.on_trial_complete(trial_id, result=pipeline.run(config).to_result("score"))
+    # Every trial it started was needed: the spending stops near the budget,
+    # not one round of trials past it.
+    assert searcher.budget_spent < 30.0 + max(r.charged_cost for r in engine.records)
+
+
+def test_auto_batch_size_follows_trial_durations_and_compute_time() -> None:
+    from eeipu_ray.tune.searcher import _Timing
+
+    timing = _Timing()
+    assert timing.demand(running=64) == 1  # nothing measured yet
+    timing.batch_seconds = 0.5
+    timing._durations.extend([10.0, 12.0, 8.0])  # median 10 s
+    # 64 trials of 10 s free 6.4 slots a second: 3.2 while a 0.5 s batch
+    # computes; twice that, as a margin, plus one.
+    assert timing.demand(running=64) == 8
+    assert timing.demand(running=4) == 2
+    timing.batch_seconds = 0.01
+    assert timing.demand(running=4) == 2  # at least one more than what frees up
+    with pytest.raises(ValueError, match="batch_size"):
+        EEIPUSearcher(pipeline=load_pipeline("synthetic"), batch_size=0)
 
 
 def test_add_evaluated_point_and_errors_name_the_problem() -> None:
