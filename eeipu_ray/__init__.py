@@ -28,6 +28,7 @@ _LAZY = {
     "PrefixCache": "eeipu_ray.cache",
     "pipeline_trainable": "eeipu_ray.tune",
     "EEIPUSearcher": "eeipu_ray.tune",
+    "SM2Scheduler": "eeipu_ray.tune",
 }
 
 
@@ -53,6 +54,7 @@ __all__ = [
     "PipelineRun",
     "PrefixCache",
     "PrefixKeyError",
+    "SM2Scheduler",
     "Stage",
     "StageContext",
     "StageExecutionError",

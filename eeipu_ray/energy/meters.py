@@ -466,7 +466,7 @@ def auto_meter(
     kinds: str | Sequence[str] | None = None,
     shared_gpu: bool = False,
     nvml: Any = None,
-    powercap_root: str | os.PathLike[str] = POWERCAP_ROOT,
+    powercap_root: str | os.PathLike[str] | None = None,
     poll_seconds: float | None = 5.0,
 ) -> EnergyMeter:
     """The meters this process can use, combined: NVML for ``gpu_ids`` and RAPL
@@ -480,7 +480,7 @@ def auto_meter(
             A kind asked for by name that is unavailable is an error.
         shared_gpu: The trial holds a fraction of its GPUs (readings marked shared).
         nvml: NVML binding to use instead of ``pynvml`` (tests).
-        powercap_root: Where RAPL zones live (tests).
+        powercap_root: Where RAPL zones live (default ``POWERCAP_ROOT``).
         poll_seconds: RAPL poller interval.
 
     Returns:
@@ -499,7 +499,8 @@ def auto_meter(
                     raise EnergyMeterError("the trial has no GPUs")
                 meters.append(NvmlMeter(gpu_ids, nvml=nvml, shared=shared_gpu))
             else:
-                meters.append(RaplMeter(powercap_root, poll_seconds=poll_seconds))
+                root = POWERCAP_ROOT if powercap_root is None else powercap_root
+                meters.append(RaplMeter(root, poll_seconds=poll_seconds))
         except EnergyMeterError as exc:
             if not choice.auto:
                 for m in meters:

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 from ray import tune
 
 from eeipu_ray.cache import PrefixCache
+from eeipu_ray.errors import EnergyMeterError
 
 if TYPE_CHECKING:
+    from eeipu_ray.energy import EnergyMeter
     from eeipu_ray.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -29,12 +31,46 @@ def _trial_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+def _trial_meter(energy: str, trial_id: str | None) -> EnergyMeter:
+    """The energy meter of this trial: NVML for the GPUs Ray assigned to it (none
+    for a CPU trial), RAPL where readable.
+
+    A trial holding a fraction of a GPU shares the GPU's energy counter with the
+    other trials on it: its readings are marked shared (see ``eeipu_ray.energy``).
+
+    Raises:
+        EnergyMeterError: ``energy="required"`` and no meter works here.
+    """
+    import ray
+
+    from eeipu_ray.energy import NoMeter, auto_meter
+
+    if energy == "off":
+        return NoMeter({"all": "energy metering is off for this trainable (energy='off')"})
+    gpu_ids = list(ray.get_gpu_ids())
+    shared = False
+    if gpu_ids:
+        gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+        shared = 0.0 < gpus < len(gpu_ids) or not float(gpus).is_integer()
+    meter = auto_meter(gpu_ids, shared_gpu=shared)
+    if energy == "required" and not meter.measured:
+        reason = meter.explain() if isinstance(meter, NoMeter) else ""
+        meter.close()
+        raise EnergyMeterError(
+            f"trial {trial_id}: energy is the cost but no energy meter works on this node "
+            f"({reason}); run on nodes with NVIDIA GPUs (NVML, with the 'energy' extra) or "
+            "readable RAPL counters, or use time as the cost"
+        )
+    return meter
+
+
 def pipeline_trainable(
     pipeline: Pipeline,
     cache: PrefixCache | None = None,
     metric: str = "score",
     *,
     progress: bool = True,
+    energy: str = "auto",
 ) -> Any:
     """Return a function trainable for ``tune.run`` / ``tune.Tuner`` / ``tune.with_resources``.
 
@@ -57,12 +93,20 @@ def pipeline_trainable(
     process opens (or finds by name) again. The trial's Ray node id is recorded
     in the entries it writes (``manifest.producer["node_id"]``).
 
+    Energy: each trial opens the meters that work on its node (NVML for the
+    GPUs Ray assigned to it, RAPL for the CPU packages when readable) and
+    reports per-stage energy next to per-stage time. ``energy="required"``
+    fails a trial before it runs a stage when its node has no meter (energy as
+    the cost); ``energy="off"`` measures nothing (CPU-seconds are still reported).
+
     Example:
         >>> trainable = pipeline.as_trainable(cache=PrefixCache("/tmp/c"), metric="acc")
         >>> tune.Tuner(trainable, param_space=pipeline.search_space).fit()
     """
     if not isinstance(metric, str) or not metric:
         raise ValueError(f"metric must be a non-empty string, got {metric!r}")
+    if energy not in ("auto", "required", "off"):
+        raise ValueError(f"energy={energy!r} must be 'auto', 'required' or 'off'")
     if cache is None:
         cache = PrefixCache()
 
@@ -77,14 +121,19 @@ def pipeline_trainable(
         trial_id = ctx.get_trial_id()
         os.environ.setdefault("EEIPU_NODE_ID", ray.get_runtime_context().get_node_id())
         trial_dir = ctx.get_trial_dir() or os.getcwd()
-        run = pipeline.run(
-            config,
-            cache,
-            trial_dir=os.path.join(trial_dir, "eeipu"),
-            device=_trial_device(),
-            reporter=reporter,
-            trial_id=trial_id,
-        )
+        meter = _trial_meter(energy, trial_id)
+        try:
+            run = pipeline.run(
+                config,
+                cache,
+                trial_dir=os.path.join(trial_dir, "eeipu"),
+                device=_trial_device(),
+                reporter=reporter,
+                trial_id=trial_id,
+                meter=meter,
+            )
+        finally:
+            meter.close()
         tune.report(run.to_result(metric))
 
     run_trial.__name__ = pipeline.name

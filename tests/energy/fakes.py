@@ -29,6 +29,7 @@ class FakeGPU:
     energy_mj: int = 0
     supports_energy: bool = True
     migs: tuple[str, ...] = ()
+    memory_bytes: int = 80 * 2**30
 
 
 @dataclass
@@ -80,6 +81,9 @@ class FakeNVML:
 
     def nvmlDeviceGetUUID(self, handle: FakeGPU) -> bytes:
         return handle.uuid.encode()  # old bindings return bytes
+
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeGPU) -> object:
+        return type("Memory", (), {"total": handle.memory_bytes, "free": handle.memory_bytes})()
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeGPU) -> int:
         if not isinstance(handle, FakeGPU):
