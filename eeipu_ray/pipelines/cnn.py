@@ -198,7 +198,7 @@ def _accuracy(model: ConvNet, x_val: torch.Tensor, y_val: torch.Tensor, device: 
     return float(correct)
 
 
-def training_memory_bytes(config: Mapping[str, Any], n_samples: int | None = None) -> int:
+def training_memory_bytes(config: Mapping[str, Any], pipeline: Pipeline | None = None) -> int:
     """An estimate of the device memory the ``train`` stage of ``config`` needs, in bytes.
 
     float32 throughout: the training set (moved to the device whole), the
@@ -212,8 +212,16 @@ def training_memory_bytes(config: Mapping[str, Any], n_samples: int | None = Non
         config: Nested ``{stage: {key: value}}`` or flat ``"stage/key"`` (the
             data stage's ``image_size``, ``copies``, ``n_samples``; the train
             stage's ``width``, ``batch_size``).
-        n_samples: Digits used when ``config`` does not say (default all 1797).
+        pipeline: The CNN pipeline the config is for: its constants
+            (``image_size``, ``n_samples``, ...) fill what the config leaves
+            out. Without it, missing keys take ``build_pipeline``'s defaults.
+
+    Example:
+        >>> fits = fits_device_memory(functools.partial(training_memory_bytes,
+        ...                                             pipeline=pipeline), 16 * 2**30)
     """
+    if pipeline is not None:
+        config = dict(zip(pipeline.stage_names, pipeline.split_config(config), strict=True))
 
     def get(stage: str, key: str, default: Any = None) -> Any:
         if f"{stage}/{key}" in config:
@@ -222,7 +230,7 @@ def training_memory_bytes(config: Mapping[str, Any], n_samples: int | None = Non
 
     size = int(get("data", "image_size", 16))
     copies = int(get("data", "copies", 0))
-    n = get("data", "n_samples", n_samples) or 1797
+    n = get("data", "n_samples") or 1797
     width, batch = int(get("train", "width")), int(get("train", "batch_size"))
     n_train = (int(n) - math.ceil(0.25 * int(n))) * (copies + 1)
     dataset = n_train * (size * size * 4 + 8)  # images + int64 labels

@@ -13,9 +13,12 @@ searchers that propose one configuration at a time; the paper runs synchronous
 rounds).
 
 Rungs. With ``time_attr="epoch"`` (or ``training_iteration``) rungs are set in
-epochs: ``grace_period * reduction_factor**k <= max_t``. With
+epochs: ``grace_period * reduction_factor**k < max_t`` (a rung at ``max_t``
+itself could save nothing: the trial is done there). With
 ``time_attr="total_energy_joules"`` they are set in energy (a rung is reached
-after spending that many joules).
+after spending that many joules). Unlike ASHA, trials that reach ``max_t`` are
+not stopped by default (``stop_last_trials=False``): a pipeline's training ends
+by itself and its evaluation stage follows, which a stop would cut off.
 
 The combined score (the exact formula). When a trial first reaches a rung, with
 ``P`` its metric there (sign-flipped so that larger is better), ``E`` the
@@ -111,7 +114,7 @@ class SM2Options:
     lr_key: str | None = None
     lr_weight: float = 0.0
     energy_floor: float = 1e-6
-    stop_last_trials: bool = True
+    stop_last_trials: bool = False
 
     def __post_init__(self) -> None:
         for name in ("time_attr", "energy_attr"):
@@ -152,11 +155,11 @@ class SM2Options:
 
     @property
     def milestones(self) -> list[float]:
-        """Rung sizes in ``time_attr`` units, ascending."""
+        """Rung sizes in ``time_attr`` units, ascending, below ``max_t``."""
         out, k = [], 0
         while True:
             t = self.grace_period * self.reduction_factor**k
-            if t > self.max_t * (1 + 1e-12):
+            if t >= self.max_t * (1 - 1e-12):
                 return out
             out.append(float(t))
             k += 1
@@ -273,7 +276,8 @@ class SM2Scheduler(FIFOScheduler):
             0 J, a counter too coarse for a tiny step, does not dominate).
         fits: ``fits(config) -> bool``: configurations for which it is false
             are stopped before they start (hardware awareness).
-        stop_last_trials: Stop trials that reach ``max_t`` (as ASHA).
+        stop_last_trials: Stop trials that reach ``max_t`` (ASHA's default; off
+            here so that a pipeline's evaluation stage runs after its training).
 
     Example:
         >>> scheduler = SM2Scheduler(time_attr="epoch", metric="score", mode="max",
@@ -298,7 +302,7 @@ class SM2Scheduler(FIFOScheduler):
         lr_weight: float = 0.0,
         energy_floor: float = 1e-6,
         fits: Callable[[Mapping[str, Any]], bool] | None = None,
-        stop_last_trials: bool = True,
+        stop_last_trials: bool = False,
     ) -> None:
         if mode is not None and mode not in ("min", "max"):
             raise ValueError(f"mode={mode!r} must be 'min' or 'max'")
@@ -373,6 +377,10 @@ class SM2Scheduler(FIFOScheduler):
         # pending trials right after asking this method, so they never run.
         for trial in tune_controller.get_trials():
             if trial.status == Trial.PENDING and trial.trial_id in self._unfit:
+                if getattr(trial, "storage", None) is not None:
+                    # Tune gives a trial its directory when it schedules it; one
+                    # stopped before that would break Tune's reporting and results.
+                    trial.init_local_path()
                 tune_controller.stop_trial(trial)
                 self._num_stopped += 1
         for status in (Trial.PENDING, Trial.PAUSED):
