@@ -49,12 +49,42 @@ def _parse_size(text: str) -> int:
     return int(t)
 
 
+def _check_energy(args: argparse.Namespace) -> None:
+    """``--energy``: refuse it unless energy can be measured where trials run.
+
+    On a local cluster the trials run here, so the meters are probed now; with
+    ``--address`` each trial checks its own node before running a stage
+    (``energy="required"``) and fails with the reason.
+    """
+    if args.searcher == "tune-random":
+        raise UsageError(
+            "--energy makes measured energy the searcher's cost: use a budget-aware searcher "
+            "(eeipu, ei, eips, carbo, random)"
+        )
+    if args.address:
+        return
+    from eeipu_ray.energy import NoMeter, auto_meter
+    from eeipu_ray.errors import EnergyMeterError
+
+    try:
+        meter = auto_meter(None if args.gpus_per_trial > 0 else [])
+    except EnergyMeterError as exc:
+        raise UsageError(f"--energy: {exc}") from exc
+    try:
+        if isinstance(meter, NoMeter):
+            raise UsageError(
+                f"--energy: no energy meter works on this machine ({meter.explain()}). Energy "
+                "can be the cost only where it is measured: NVIDIA GPUs through NVML (pip "
+                "install 'eeipu-ray[energy]'; --gpus-per-trial) or readable RAPL counters "
+                "(/sys/class/powercap). Run without --energy to use seconds of stage time"
+            )
+    finally:
+        meter.close()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.energy:
-        raise UsageError(
-            "--energy: energy metering is not available yet; costs are seconds of stage "
-            "time for now (run without --energy)"
-        )
+        _check_energy(args)
     from eeipu_ray.errors import PipelineDefinitionError
     from eeipu_ray.pipelines import load_pipeline
 
@@ -87,7 +117,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)
     trainable = tune.with_resources(
-        pipeline.as_trainable(cache=cache, metric=args.metric),
+        pipeline.as_trainable(
+            cache=cache, metric=args.metric, energy="required" if args.energy else "auto"
+        ),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
     )
     search_alg = None
@@ -104,6 +136,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             n_warmup=args.warmup,
             seed=args.seed,
             max_concurrent=args.max_concurrent,
+            cost="energy" if args.energy else "time",
         )
     # Under Ray Client the Tuner runs in the cluster with its own copy of the
     # searcher: the reporter then sums the trials' costs instead of asking it.
@@ -113,6 +146,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.mode,
         searcher=None if remote_driver else search_alg,
         budget=args.budget,
+        cost_unit="J" if args.energy else "s",
+        cost_key="total_energy_joules" if args.energy else "total_cost",
         parameter_columns=tuned_parameter_columns(pipeline.search_space),
         full_final_table=False,  # the full table is printed below
     )
@@ -171,6 +206,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 "memoized_stages": m.get("memoized_stages"),
                 "total_cost": m.get("total_cost"),
                 "compute_cost": sum(m.get(f"compute_costs/{s}", 0.0) for s in pipeline.stage_names),
+                "total_energy_joules": m.get("total_energy_joules"),
+                "total_cpu_seconds": m.get("total_cpu_seconds"),
                 "config": config,
             }
         )
@@ -178,6 +215,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spent = sum(r["total_cost"] for r in ok)
     unmemoized = sum(r["compute_cost"] for r in ok)
     best = grid.get_best_result(metric=args.metric, mode=args.mode) if ok else None
+    energies = [r["total_energy_joules"] for r in ok]
+    # Energy is missing, not 0, where a trial had no meter: no total then.
+    energy_spent = (
+        math.fsum(energies) if energies and all(e is not None for e in energies) else None
+    )
     summary = {
         "pipeline": pipeline.name,
         "searcher": args.searcher,
@@ -191,6 +233,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "trials_with_cached_prefix": sum(1 for r in ok if r["memoized_stages"]),
         "cost_spent_s": spent,
         "cost_without_memoization_s": unmemoized,
+        "cost": "energy" if args.energy else "time",
+        "energy_spent_j": energy_spent,
+        "cpu_seconds": math.fsum(r["total_cpu_seconds"] or 0.0 for r in ok),
         "wall_s": wall,
         "cache": str(cache),
         "best": {
@@ -222,11 +267,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
             },
         )
     print()
-    print(f"{'trial':<14} {args.metric:>9} {'memoized':>9} {'spent s':>9} {'compute s':>10}")
+    print(
+        f"{'trial':<14} {args.metric:>9} {'memoized':>9} {'spent s':>9} {'compute s':>10} "
+        f"{'energy J':>10}"
+    )
     for r in ok:
+        energy = r["total_energy_joules"]
         print(
             f"{r['trial_id']:<14} {r[args.metric]:>9.4f} {r['memoized_stages']:>9d} "
-            f"{r['total_cost']:>9.2f} {r['compute_cost']:>10.2f}"
+            f"{r['total_cost']:>9.2f} {r['compute_cost']:>10.2f} "
+            f"{'-' if energy is None else f'{energy:.1f}':>10}"
         )
     print()
     print(
@@ -237,6 +287,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"stage cost spent: {spent:.1f} s; without memoization it would have been "
         f"{unmemoized:.1f} s"
     )
+    if energy_spent is not None:
+        print(f"energy spent (measured): {energy_spent:.1f} J")
+    else:
+        print("energy: not measured (no energy meter where the trials ran)")
     if best:
         print(
             f"best {args.metric}: {summary['best'][args.metric]:.4f} with "
@@ -365,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         type=float,
         default=None,
-        help="cost budget in seconds of stage time (the search stops there)",
+        help="cost budget in seconds of stage time, or in joules with --energy (the search "
+        "stops there)",
     )
     run.add_argument(
         "--num-samples", type=int, default=-1, help="maximum trials (-1: until the budget is spent)"
@@ -407,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--energy",
         action="store_true",
-        help="use measured energy (joules) as the cost: not available yet",
+        help="use measured energy (joules, from NVML for the trials' GPUs or RAPL) as the "
+        "cost; refused where no energy meter works",
     )
     run.add_argument(
         "--no-report",

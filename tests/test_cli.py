@@ -78,6 +78,13 @@ def test_run_sweeps_a_builtin_pipeline_and_reuses_prefixes(sweep: dict[str, Any]
     assert summary["cost_spent_s"] == sum(r["total_cost"] for r in ok)
     assert summary["cost_without_memoization_s"] == sum(r["compute_cost"] for r in ok)
     assert "started from a cached prefix" in proc.stdout
+    # Energy next to time: CPU-seconds always; joules only where a meter measured them.
+    assert summary["cost"] == "time" and summary["cpu_seconds"] > 0
+    if summary["energy_spent_j"] is None:
+        assert "energy: not measured" in proc.stdout
+        assert all(r["total_energy_joules"] is None for r in ok)
+    else:
+        assert f"energy spent (measured): {summary['energy_spent_j']:.1f} J" in proc.stdout
 
     stats = _cli("cache", "stats", str(cache_dir), cwd=tmp_path)
     assert stats.returncode == 0, stats.stderr
@@ -145,11 +152,33 @@ def test_report_of_the_run(sweep: dict[str, Any], tmp_path: Path) -> None:
     check_html_in_browser(out_dir / "report.html", tmp_path, trial_ids, n_images=4)
 
 
-def test_run_energy_is_not_available_yet(tmp_path: Path) -> None:
-    proc = _cli("run", "regression", "--num-samples", "1", "--energy", cwd=tmp_path, timeout=60)
+def test_run_energy_is_refused_where_no_meter_works(tmp_path: Path) -> None:
+    proc = _cli(
+        "run",
+        "regression",
+        "--num-samples",
+        "1",
+        "--energy",
+        cwd=tmp_path,
+        timeout=60,
+        env={"EEIPU_ENERGY_METERS": "none"},  # as on a machine without NVML or RAPL
+    )
     assert proc.returncode == 2
-    assert "--energy" in proc.stderr and "not available yet" in proc.stderr
+    assert "--energy: no energy meter works on this machine" in proc.stderr
+    assert "metering is off" in proc.stderr  # the reason, per meter
     assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
+    proc = _cli(
+        "run",
+        "regression",
+        "--energy",
+        "--searcher",
+        "tune-random",
+        "--num-samples",
+        "1",
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "budget-aware searcher" in proc.stderr
 
 
 def test_report_rejects_a_directory_that_is_not_an_experiment(tmp_path: Path) -> None:

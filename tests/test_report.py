@@ -18,6 +18,7 @@ import pytest
 
 from eeipu_ray.report import (
     ExperimentDirError,
+    TrialRow,
     load_experiment,
     trial_row,
     write_report,
@@ -295,3 +296,36 @@ def test_report_command_refuses_a_bad_directory_with_status_2(tmp_path: Path) ->
     assert proc.returncode == 2, proc.stderr
     assert str(bad) in proc.stderr and "not an experiment directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_report_shows_measured_energy_next_to_time_and_says_when_there_is_none(
+    tmp_path: Path,
+) -> None:
+    metered = []
+    for i in range(3):
+        result = _result(i, memoized=0)
+        for k, s in enumerate(STAGES):
+            result[f"energy_joules/{s}"] = 10.0 * (k + 1) + i
+            result[f"compute_energy_joules/{s}"] = 10.0 * (k + 1) + i
+        result["total_energy_joules"] = sum(10.0 * (k + 1) + i for k in range(3))
+        result["total_cpu_seconds"] = 1.5
+        metered.append(result)
+    row = trial_row(metered[1], "score")
+    assert row.energy_joules == pytest.approx(63.0) and row.cpu_seconds == 1.5
+    assert row.stage_energy == pytest.approx({"data": 11.0, "features": 21.0, "ridge": 31.0})
+    assert TrialRow.from_dict(row.to_dict()) == row
+
+    files = write_report(_tune_dir(tmp_path / "metered", metered), tmp_path / "out1")
+    markdown = files.markdown.read_text()
+    assert "- **Energy spent:** 189 J (measured)" in markdown
+    assert "- **Process CPU time (CPU-seconds):** 4.5" in markdown
+    header = next(line for line in markdown.split("## Trials", 1)[1].splitlines()
+                  if line.startswith("|"))
+    assert "| features cost | ridge cost | energy J | data energy J |" in header
+    rows = markdown_trial_rows(markdown)
+    assert rows[1][8:12] == ["63", "11", "21", "31"]
+
+    files = write_report(_tune_dir(tmp_path / "plain", [_result(0, 0)]), tmp_path / "out2")
+    markdown = files.markdown.read_text()
+    assert "- **Energy spent:** not measured (no energy meter where the trials ran)" in markdown
+    assert "energy J" not in markdown  # no columns of zeros for energy nobody measured

@@ -56,6 +56,12 @@ class TrialRow:
         compute_costs: Per stage, what computing it costs (for a loaded stage:
             the original compute time, i.e. what loading saved).
         cache_hit: Per stage, whether it was loaded from the cache.
+        stage_energy: Per stage, the energy this trial spent on it (joules);
+            only stages a meter measured (empty where no meter existed).
+        compute_energy: Per stage, what computing it costs in joules (for a
+            loaded stage: its original compute energy), where known.
+        energy_joules: The trial's total energy, ``None`` unless measured.
+        cpu_seconds: The trial's process CPU time (``None`` in older results).
         config: The trial's config, nested ``{stage: {name: value}}``.
         finished_at: Unix time of the trial's last result (Tune's ``timestamp``).
         error: Why the trial failed, when it did.
@@ -71,6 +77,10 @@ class TrialRow:
     cache_hit: dict[str, bool] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     finished_at: float | None = None
+    stage_energy: dict[str, float] = field(default_factory=dict)
+    compute_energy: dict[str, float] = field(default_factory=dict)
+    energy_joules: float | None = None
+    cpu_seconds: float | None = None
     error: str | None = None
 
     @property
@@ -84,6 +94,7 @@ class TrialRow:
     def from_dict(cls, data: Mapping[str, Any]) -> TrialRow:
         objective = data.get("objective")
         finished = data.get("finished_at")
+        energy, cpu = data.get("energy_joules"), data.get("cpu_seconds")
         return cls(
             trial_id=None if data.get("trial_id") is None else str(data["trial_id"]),
             status=str(data.get("status", "completed")),
@@ -98,6 +109,12 @@ class TrialRow:
             config=dict(data.get("config") or {}),
             finished_at=None if finished is None else float(finished),
             error=data.get("error"),
+            stage_energy={str(k): float(v) for k, v in dict(data.get("stage_energy", {})).items()},
+            compute_energy={
+                str(k): float(v) for k, v in dict(data.get("compute_energy", {})).items()
+            },
+            energy_joules=None if energy is None else float(energy),
+            cpu_seconds=None if cpu is None else float(cpu),
         )
 
 
@@ -142,6 +159,19 @@ class Experiment:
     @property
     def cost_spent(self) -> float:
         return math.fsum(t.charged_cost for t in self.trials)
+
+    @property
+    def energy_measured(self) -> bool:
+        """Whether any trial's energy was measured (then the report shows it)."""
+        return any(t.energy_joules is not None or t.stage_energy for t in self.trials)
+
+    @property
+    def energy_spent(self) -> float | None:
+        """Measured energy of all trials (J); ``None`` unless every trial has it."""
+        values = [t.energy_joules for t in self.trials]
+        if not values or any(v is None for v in values):
+            return None
+        return math.fsum(v for v in values if v is not None)
 
     @property
     def cost_without_memoization(self) -> float:
@@ -192,6 +222,7 @@ def trial_row(
     stage_costs = _per_stage(result, "stage_costs", stages, float)
     total = result.get("total_cost")
     timestamp = result.get("timestamp")
+    energy, cpu = result.get("total_energy_joules"), result.get("total_cpu_seconds")
     return TrialRow(
         trial_id=None if result.get("trial_id") is None else str(result["trial_id"]),
         status="failed" if error else "completed",
@@ -204,6 +235,10 @@ def trial_row(
         config=dict(config if config is not None else result.get("config") or {}),
         finished_at=float(timestamp) if _finite(timestamp) else None,
         error=error,
+        stage_energy=_per_stage(result, "energy_joules", stages, float),
+        compute_energy=_per_stage(result, "compute_energy_joules", stages, float),
+        energy_joules=float(energy) if _finite(energy) else None,
+        cpu_seconds=float(cpu) if _finite(cpu) else None,
     )
 
 

@@ -112,12 +112,25 @@ def _facts(experiment: Experiment) -> list[tuple[str, str]]:
         ("Cost spent", _fmt(experiment.cost_spent)),
         ("Cost without memoization", _fmt(experiment.cost_without_memoization)),
         ("Budget", _fmt(experiment.budget)),
+        ("Energy spent", _energy_fact(experiment)),
     ]
+    cpu = [t.cpu_seconds for t in trials if t.cpu_seconds is not None]
+    if cpu:
+        facts.append(("Process CPU time (CPU-seconds)", _fmt(math.fsum(cpu))))
     best = experiment.best()
     if best is not None:
         facts.append(("Best", f"{_fmt(best.objective)} (trial {best.trial_id})"))
         facts.append(("Best config", json.dumps(best.config, default=str, sort_keys=True)))
     return facts
+
+
+def _energy_fact(experiment: Experiment) -> str:
+    if not experiment.energy_measured:
+        return "not measured (no energy meter where the trials ran)"
+    spent = experiment.energy_spent
+    if spent is None:
+        return "measured for some trials only (see the table)"
+    return f"{_fmt(spent)} J (measured)"
 
 
 def _varying(trials: Sequence[TrialRow]) -> tuple[list[str], dict[str, Any]]:
@@ -165,8 +178,11 @@ def _table(experiment: Experiment) -> tuple[list[str], list[list[str]], dict[str
         "memoized stages",
         "charged cost",
         *(f"{s} cost" for s in experiment.stage_names),
-        "config",
     ]
+    energy = experiment.energy_measured
+    if energy:
+        header += ["energy J", *(f"{s} energy J" for s in experiment.stage_names)]
+    header.append("config")
     rows = []
     for i, t in enumerate(experiment.trials, start=1):
         stage_cells = []
@@ -176,6 +192,12 @@ def _table(experiment: Experiment) -> tuple[list[str], list[list[str]], dict[str
                 cell += " (cached)"
             stage_cells.append(cell)
         objective = _fmt(t.objective) if t.completed else f"failed: {t.error}"
+        # Energy next to time; "-" where no meter measured it (never 0).
+        energy_cells = (
+            [_fmt(t.energy_joules), *(_fmt(t.stage_energy.get(s)) for s in experiment.stage_names)]
+            if energy
+            else []
+        )
         rows.append(
             [
                 str(i),
@@ -184,6 +206,7 @@ def _table(experiment: Experiment) -> tuple[list[str], list[list[str]], dict[str
                 str(t.memoized_stages),
                 _fmt(t.charged_cost),
                 *stage_cells,
+                *energy_cells,
                 _config_cell(t, varying),
             ]
         )

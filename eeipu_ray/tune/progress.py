@@ -43,6 +43,9 @@ class BudgetReporter(CLIReporter):
         parameter_columns: Hyperparameters to show (flat ``"stage/name"`` keys,
             or a mapping of key to column title).
         cost_unit: Unit of the costs, for the budget line.
+        cost_key: Result key of a trial's charged cost (the ``cost`` column,
+            and what is summed without a searcher): ``total_cost`` (seconds)
+            or ``total_energy_joules`` when energy is the cost.
         max_progress_rows: Rows of the table (the best finished trials and the
             running ones), also in the final report when ``full_final_table``
             is false.
@@ -65,13 +68,14 @@ class BudgetReporter(CLIReporter):
         budget: float | None = None,
         parameter_columns: Sequence[str] | Mapping[str, str] | None = None,
         cost_unit: str = "s",
+        cost_key: str = "total_cost",
         max_progress_rows: int = 10,
         max_report_frequency: int = 10,
         full_final_table: bool = True,
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode={mode!r} must be 'max' or 'min'")
-        columns = {metric: metric, "memoized_stages": "memoized", "total_cost": "cost"}
+        columns = {metric: metric, "memoized_stages": "memoized", cost_key: "cost"}
         super().__init__(
             metric_columns=columns,
             parameter_columns=(
@@ -89,6 +93,7 @@ class BudgetReporter(CLIReporter):
         self._searcher = searcher
         self._budget = budget
         self._cost_unit = cost_unit
+        self._cost_key = cost_key
         self._full_final_table = full_final_table
 
     def set_search_properties(self, metric: str | None, mode: str | None) -> bool:
@@ -117,7 +122,7 @@ class BudgetReporter(CLIReporter):
                 spent = 0.0
         else:
             spent = math.fsum(
-                float(t.last_result.get("total_cost", 0.0) or 0.0)
+                float(t.last_result.get(self._cost_key, 0.0) or 0.0)
                 for t in trials
                 if t.last_result and t.is_finished()
             )
