@@ -178,6 +178,8 @@ def simulate(
         "suggest_p95_s": _quantile(latencies, 0.95),
         "suggest_max_s": max(latencies, default=math.nan),
     }
+    if time_scale == 0:  # no simulated durations: worker time means nothing
+        row.update(busy=math.nan, busy_all=math.nan, wait=math.nan)
     if not args.keep:
         shutil.rmtree(rundir, ignore_errors=True)
     return row
@@ -237,12 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--layout", default="paper")
     ap.add_argument(
-        "--time-scale", type=float, default=5.0, help="seconds of sleep per cost unit (W > 1)"
+        "--time-scale", type=float, default=2.0, help="seconds of sleep per cost unit (W > 1)"
     )
     ap.add_argument("--smoke", action="store_true", help="tiny run (the test suite's)")
     ap.add_argument("--keep", action="store_true", help="keep the caches")
     ap.add_argument("--out", type=Path, default=RESULTS / "scale")
+    ap.add_argument(
+        "--render", type=Path, default=None, help="rebuild OUT.md from this JSON; run nothing"
+    )
     args = ap.parse_args(argv)
+    if args.render is not None:
+        doc = json.loads(args.render.read_text())
+        for row in doc["rows"]:
+            if row["time_scale"] == 0:  # no simulated durations: worker time means nothing
+                row.update(busy=math.nan, busy_all=math.nan, wait=math.nan)
+        _write(args.out, doc)
+        print("\n".join(tables(doc["rows"])))
+        return 0
     worker_counts = [int(w) for w in args.workers.split(",")]
     if args.smoke:
         args.budget = min(args.budget, 60.0)
@@ -258,16 +271,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(
                     f"seed {seed} workers {w}: {row['trials']} trials, best {row['best']:.3f}, "
-                    f"busy {row['busy']:.3f}, wait {row['wait']:.3f}, "
+                    f"busy {f(row['busy'], 3)}, wait {f(row['wait'], 3)}, "
                     f"{row['suggest_per_s']:.1f} suggest/s, wall {row['wall_s']:.1f} s",
                     flush=True,
                 )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    lines = tables(rows)
-    print("\n".join(lines))
-    out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    print("\n".join(tables(rows)))
     doc = {
         "command": command,
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -281,24 +291,36 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": rows,
     }
+    _write(args.out, doc)
+    return 0
+
+
+def _write(out: Path, doc: dict[str, Any]) -> None:
+    """``OUT.json`` (every row) and ``OUT.md`` (the tables)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+    machine, settings = doc["machine"], doc["settings"]
     md = [
         "# Scale simulation: the searcher driving simulated GPU workers",
         "",
-        f"Command: `{command}`",
+        f"Command: `{doc['command']}` ({doc['when']})",
         "",
         f"Machine: {machine['cpu_count']} CPUs, {machine['platform']}; "
         f"load average at start {machine['loadavg_at_start']}",
         "",
-        f"Settings: {args.layout} layout, budget {args.budget:g} cost units (warm-up of "
-        f"{args.warmup} included), stages sleep {args.time_scale:g} s per cost unit with "
-        "W > 1 (the 1-worker run sleeps 0: sequential BO does not depend on time).",
+        f"Settings: {settings['layout']} layout, budget {settings['budget']:g} cost units "
+        f"(warm-up of {settings['warmup']} included), stages sleep "
+        f"{settings['time_scale']:g} s per cost unit with W > 1 (the 1-worker run sleeps 0: "
+        "sequential BO does not depend on time).",
         "",
-        *lines,
+        "busy: worker time running trials until the budget first left a worker idle; "
+        "busy_all: until the last trial drained; wait: worker time idle while the driver "
+        "was in suggest; suggest/s: suggestions per second of driver time in suggest.",
+        "",
+        *tables(doc["rows"]),
         "",
     ]
     out.with_suffix(".md").write_text("\n".join(md))
-    return 0
 
 
 if __name__ == "__main__":

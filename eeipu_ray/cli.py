@@ -168,7 +168,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, verbose=1, progress_reporter=reporter
+            name=name,
+            storage_path=storage,
+            verbose=1,
+            progress_reporter=reporter,
+            # A trial whose node dies (spot preemption, a crashed GPU) runs again
+            # elsewhere; the searcher hears of it only once, with its last attempt.
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
         ),
     )
     started = time.time()
@@ -457,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus-per-trial", type=float, default=1.0)
     run.add_argument("--gpus-per-trial", type=float, default=0.0)
     run.add_argument("--max-concurrent", type=int, default=0, help="0: as many as fit")
+    run.add_argument(
+        "--max-failures",
+        type=int,
+        default=3,
+        help="retries of a failed trial (its node died; a stage raised, which usually fails again): Tune's FailureConfig; -1: no limit",
+    )
     run.add_argument("--storage-path", default="results", help="where experiments are written")
     run.add_argument("--name", default=None, help="experiment name")
     run.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -116,3 +117,22 @@ def test_compare_smoke_every_method(tmp_path: Path) -> None:
         assert path.stat().st_size > 10_000, name
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] >= 600 and image.size[1] >= 400
+
+
+def test_scale_simulation_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "scale"
+    stdout = run_script(
+        "scale.py", "--smoke", "--workers", "1,4", "--time-scale", "0.05", "--out", str(out)
+    )
+    assert "| workers | seed | s per unit |" in stdout
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["workers"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["trials"] == r["completed"] + r["failed"] and r["failed"] == 0
+        assert r["budget_spent"] >= r["budget"]  # the budget was spent, then it stopped
+        assert r["suggest_p50_s"] <= r["suggest_max_s"]
+    sequential, parallel = rows
+    assert math.isnan(sequential["busy"])  # no simulated durations with one worker
+    assert 0.0 < parallel["busy"] <= 1.0 and 0.0 <= parallel["wait"] <= 1.0
+    assert 0.0 < parallel["busy_all"] <= 1.0
+    assert out.with_suffix(".md").exists()

@@ -768,6 +768,7 @@ class BOEngine:
         eta = _eta(opts, store.budget_spent, self._spent_after_warmup)
         seed = opts.seed + 7919 * step
         parts = self._acquisition_parts(models, store, eta)
+        available = _memoized(available)  # one cache lookup per key and step
         if reserved:
             store = store.snapshot()
             for i, config in enumerate(reserved):
@@ -999,6 +1000,22 @@ def _as_predicate(available: AvailablePrefixes) -> Callable[[str], bool] | None:
         return available  # type: ignore[return-value]
     keys = available
     return lambda key: key in keys
+
+
+def _memoized(available: Callable[[str], bool] | None) -> Callable[[str], bool] | None:
+    """``available`` asked once per key: a step asks about every record's
+    prefixes, once per candidate of a batch, and each answer may be a cache
+    lookup (a file stat, an S3 HEAD)."""
+    if available is None:
+        return None
+    answers: dict[str, bool] = {}
+
+    def lookup(key: str) -> bool:
+        if key not in answers:
+            answers[key] = bool(available(key))
+        return answers[key]
+
+    return lookup
 
 
 def _prefix_available(
