@@ -467,7 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-failures",
         type=int,
         default=3,
-        help="retries of a failed trial (its node died; a stage raised, which usually fails again): Tune's FailureConfig; -1: no limit",
+        help=(
+            "retries of a failed trial (its node died; or a stage raised, which usually "
+            "fails again): Tune's FailureConfig; -1: no limit"
+        ),
     )
     run.add_argument("--storage-path", default="results", help="where experiments are written")
     run.add_argument("--name", default=None, help="experiment name")

@@ -227,7 +227,7 @@ def test_suggest_waits_while_running_trials_are_expected_to_spend_the_budget() -
         assert config != Searcher.FINISHED
         running[f"r{len(running)}"] = config
     engine = searcher.engine
-    assert 0 < engine.budget_left and engine.budget_committed >= 30.0
+    assert engine.budget_left > 0 and engine.budget_committed >= 30.0
     assert len(running) < 16  # the budget, not the concurrency limit, said wait
     for trial_id, config in running.items():
         searcher.on_trial_complete(trial_id, result=pipeline.run(config).to_result("score"))
