@@ -136,3 +136,20 @@ def test_scale_simulation_smoke(tmp_path: Path) -> None:
     assert 0.0 < parallel["busy"] <= 1.0 and 0.0 <= parallel["wait"] <= 1.0
     assert 0.0 < parallel["busy_all"] <= 1.0
     assert out.with_suffix(".md").exists()
+
+
+@pytest.mark.slow
+def test_load_sweep_accounts_for_every_trial(tmp_path: Path) -> None:
+    out = tmp_path / "load"
+    # The script audits itself and exits non-zero when a check fails.
+    stdout = run_script(
+        "load.py",
+        *("--trials", "24", "--concurrency", "4", "--fail-every", "4", "--fast"),
+        *("--out", str(out)),
+        timeout=300,
+    )
+    assert "all passed" in stdout and "CHECK FAILED" not in stdout
+    figures = json.loads(out.with_name("load.json").read_text())["figures"]
+    assert figures["trials"] == 24 == figures["completed"] + figures["errored"]
+    assert figures["errored"] >= 1  # the injected failures happened, and were accounted for
+    assert figures["checks_failed"] == []
