@@ -82,10 +82,17 @@ def test_killed_driver_resumes_with_budget_and_observations(tmp_path: Path) -> N
                              capture_output=True, text=True, timeout=420, check=False)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
+    cache = PrefixCache(cache_dir)
+    pinned_after = cache.pinned()  # read before anything below could touch the pins
     pipeline = build_pipeline(time_scale=0.15)
-    final = EEIPUSearcher(pipeline, metric="score", mode="max", budget=BUDGET,
-                          cache=PrefixCache(cache_dir))
+    # No cache: restoring this copy must not change the pins under test.
+    final = EEIPUSearcher(pipeline, metric="score", mode="max", budget=BUDGET, cache=None)
     final.restore_from_dir(str(exp_dir))
+    # The pinned prefixes survived the kill: the cache pins exactly the proper
+    # prefixes of the resumed search's top trials, and holds every one of them.
+    assert before["pinned"], "the searcher had pinned prefixes before the kill"
+    assert pinned_after == final.engine.pins()
+    assert all(cache.contains(key) for key in pinned_after)
     records = {r.trial_id: r for r in final.engine.records}
     # Every observation from before the kill is still there, unchanged.
     for trial_id, objective in _completed(before).items():
