@@ -12,8 +12,9 @@ the script checks, and exits non-zero if any check fails:
    as ``Tuner.restore`` would) has one record per Tune trial, none pending,
    COMPLETED exactly where Tune says TERMINATED and FAILED where ERROR;
 2. the budget spent equals the sum of the charged costs: the searcher's
-   ``budget_spent`` equals the sum of ``total_cost`` over the final results
-   (a trial that raised reported nothing and is charged 0);
+   ``budget_spent`` equals the sum of ``total_cost`` over every trial's last
+   reported result; a trial whose stage raised reports what it spent before
+   it fails, and is charged that (none is charged nothing);
 3. no leaked processes: once the sweep is over no trial process
    (``ray::ImplicitFunc``) of this run is alive, and after ``ray.shutdown``
    no process of this run is (they carry a marker in their environment);
@@ -198,11 +199,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     # 1. Every trial accounted for.
     tune_status = {}
     results = {}
+    spent_reported = []  # every trial's last reported total_cost (an errored one's too)
     for result in grid:
         trial_id = Path(result.path).name
         tune_status[trial_id] = "ERROR" if result.error else "TERMINATED"
         if not result.error:
             results[trial_id] = dict(result.metrics)
+        if "total_cost" in (result.metrics or {}):
+            spent_reported.append(float(result.metrics["total_cost"]))
     if len(grid) != args.trials:
         failed.append(f"Tune ran {len(grid)} trials, not {args.trials}")
     restored = EEIPUSearcher(pipeline, **common)
@@ -221,7 +225,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     errors = [t for t, s in tune_status.items() if s == "ERROR"]
     # 2. Budget spent == sum of what was charged == sum of the final results' costs.
     charged = math.fsum(r.charged_cost for r in records.values())
-    reported = math.fsum(float(r["total_cost"]) for r in results.values())
+    reported = math.fsum(spent_reported)
+    unpaid = [t for t in errors if records.get(t) is None or records[t].charged_cost <= 0]
+    if unpaid:
+        failed.append(f"{len(unpaid)} errored trials charged nothing: {unpaid[:3]}")
     if not (restored.budget_spent == charged and math.isclose(charged, reported, rel_tol=1e-12)):
         failed.append(
             f"budget spent {restored.budget_spent!r}, charged {charged!r}, reported {reported!r}"

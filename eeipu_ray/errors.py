@@ -7,6 +7,8 @@ messages name the culprit (stage, key, value) and say what to do.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EEIPUError(Exception):
     """Base class of every error raised on purpose by eeipu-ray."""
@@ -51,7 +53,19 @@ class CacheIntegrityError(CacheError):
 
 
 class StageExecutionError(EEIPUError, RuntimeError):
-    """A stage function raised; the message names the stage and its hyperparameters."""
+    """A stage function raised; the message names the stage and its hyperparameters.
+
+    Attributes:
+        spent: What the trial spent before it failed, in the result schema of
+            ``PipelineRun.to_result`` (``stage_costs/<s>`` of the stages it
+            loaded or ran, the failing one included, ``total_cost``,
+            ``memoized_stages``, ...; no metric); empty when unknown. The
+            trainable reports it, so a failed trial is charged what it spent.
+    """
+
+    def __init__(self, message: str, spent: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.spent: dict[str, Any] = dict(spent or {})
 
 
 class EnergyMeterError(EEIPUError, RuntimeError):

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from eeipu_ray.cache import PrefixCache
     from eeipu_ray.energy import EnergyMeter, EnergyReading, EnergySpan
     from eeipu_ray.pipeline.pipeline import Pipeline
+    from eeipu_ray.pipeline.stage import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,45 @@ class PipelineRun:
 
     def as_dict(self) -> dict[str, Any]:
         return {"memoized_stages": self.memoized_stages, "stages": [asdict(s) for s in self.stages]}
+
+
+def _spent_before_failure(
+    records: list[StageRecord],
+    memoized: int,
+    stage: Stage,
+    key: str,
+    params: dict[str, Any],
+    elapsed: float,
+    span: EnergySpan,
+) -> dict[str, Any]:
+    """The cost fields of a trial whose stage ``stage`` raised after ``elapsed`` s.
+
+    The failing stage is charged what it ran (its declared cost, for a stage
+    that declares one, else the clock); its compute cost stays unknown (no
+    ``compute_costs``), since it never finished.
+    """
+    seconds = elapsed
+    if stage.cost is not None:
+        try:
+            seconds = float(stage.cost(params))
+        except Exception:  # noqa: BLE001 -- the stage failed already; so may its cost function
+            seconds = 0.0
+        if not (math.isfinite(seconds) and seconds >= 0.0):
+            seconds = 0.0
+    failing = StageRecord(
+        name=stage.name,
+        index=len(records) + 1,
+        prefix_key=key,
+        status="failed",
+        seconds=seconds,
+        compute_seconds=math.nan,
+    )
+    failing._take_energy(span.read())
+    run = PipelineRun(output=None, stages=[*records, failing], memoized_stages=memoized)
+    spent = run.to_result(None)
+    spent.pop(f"compute_costs/{stage.name}", None)
+    spent.pop(f"compute_energy_joules/{stage.name}", None)
+    return spent
 
 
 def _is_number(value: Any) -> bool:
@@ -400,7 +440,10 @@ def _run(
         except Exception as exc:
             raise StageExecutionError(
                 f"stage {stage.name!r} (#{i + 1} of pipeline {pipeline.name!r}) failed with "
-                f"hyperparameters {params!r}: {exc!r}"
+                f"hyperparameters {params!r}: {exc!r}",
+                spent=_spent_before_failure(
+                    records, memoized, stage, keys[i], params, time.perf_counter() - start, span
+                ),
             ) from exc
         _sync_cuda()
         measured = time.perf_counter() - start

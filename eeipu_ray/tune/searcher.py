@@ -171,6 +171,7 @@ class EEIPUSearcher(Searcher):
         self._future: concurrent.futures.Future[Any] | None = None
         self._queue: list[Proposal] = []  # finished lookahead proposals, oldest first
         self._timing = _Timing()
+        self._last_results: dict[str, dict[str, Any]] = {}  # by running trial
         if self._space is not None and metric is not None and mode is not None:
             self._build_engine()
 
@@ -262,7 +263,11 @@ class EEIPUSearcher(Searcher):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        """Intermediate results are not used: costs arrive with the final result."""
+        """Keep the trial's latest intermediate result: should it error, Tune sends
+        no result, and this one says what it spent (pipeline trials report their
+        running costs, and what they spent when a stage raises)."""
+        if trial_id in self.engine.store:
+            self._last_results[trial_id] = result
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
@@ -271,6 +276,9 @@ class EEIPUSearcher(Searcher):
         if trial_id not in engine.store:
             logger.warning("EEIPUSearcher: result for unknown trial %s ignored", trial_id)
             return
+        last = self._last_results.pop(trial_id, None)
+        if result is None and error:
+            result = last  # charged what it reported spending; its metric is ignored
         engine.on_result(trial_id, self._with_cost(result), error=error)
         self._timing.finished(trial_id)
         self._sync_pins()
@@ -360,6 +368,7 @@ class EEIPUSearcher(Searcher):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_last_results", {})  # pickled by an older version
         if self._pending_state is not None and self._space is not None and self._metric:
             pending, self._pending_state = self._pending_state, None
             self._build_engine()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
 from eeipu_ray.cache import PrefixCache
-from eeipu_ray.errors import EnergyMeterError
+from eeipu_ray.errors import EnergyMeterError, StageExecutionError
 
 if TYPE_CHECKING:
     from eeipu_ray.energy import EnergyMeter
@@ -132,6 +133,13 @@ def pipeline_trainable(
                 trial_id=trial_id,
                 meter=meter,
             )
+        except StageExecutionError as exc:
+            if exc.spent:
+                # What the trial spent, before it fails: the searcher charges it
+                # (Tune tells a searcher of an errored trial nothing else). The
+                # metric must be in every report; NaN marks the failure.
+                tune.report({**exc.spent, metric: math.nan, "stage_failed": 1})
+            raise
         finally:
             meter.close()
         tune.report(run.to_result(metric))

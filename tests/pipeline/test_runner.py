@@ -267,6 +267,34 @@ def test_stage_exception_names_stage_and_keeps_cause(cache):
     assert calls["train"] == 0
 
 
+def test_a_failed_stage_says_what_the_trial_spent(cache):
+    def feat(x, hp):
+        time.sleep(0.05)
+        raise ZeroDivisionError("kaboom")
+
+    calls = collections.Counter()
+    base = toy(calls, prep_sleep=0.05)
+    p = Pipeline("toy", [base.stages[0], Stage("feat", feat, {"scale": 1.0}), base.stages[2]])
+    config = {"prep": {"n": 3}, "train": {"lr": 0.1}}
+    with pytest.raises(StageExecutionError) as info:
+        p.run(config, cache)
+    spent = info.value.spent
+    # The stage that ran, and the one that failed after 50 ms; nothing after it.
+    assert spent["stage_costs/prep"] > 0 and spent["stage_costs/feat"] >= 0.05
+    assert "stage_costs/train" not in spent and "score" not in spent
+    assert 0.05 <= spent["compute_costs/prep"] <= spent["stage_costs/prep"]  # + store time
+    assert "compute_costs/feat" not in spent  # it never finished: its cost is unknown
+    assert spent["total_cost"] == pytest.approx(
+        spent["stage_costs/prep"] + spent["stage_costs/feat"]
+    )
+    # Again, with stage 1 cached: the load is what it spent there.
+    with pytest.raises(StageExecutionError) as again:
+        p.run(config, cache)
+    assert again.value.spent["memoized_stages"] == 1
+    assert again.value.spent["cache_hit/prep"] == 1
+    assert again.value.spent["stage_costs/prep"] < spent["stage_costs/prep"]
+
+
 class Opaque:
     def __init__(self, v):
         self.v = v

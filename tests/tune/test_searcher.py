@@ -306,3 +306,22 @@ def test_add_evaluated_points_with_full_results_teaches_costs() -> None:
     )
     assert records[-1].objective == pytest.approx(-99.0)
     assert searcher.budget_spent == pytest.approx(sum(r["total_cost"] for _, r in points))
+
+
+def test_an_errored_trial_is_charged_what_it_last_reported_spending() -> None:
+    pipeline = load_pipeline("synthetic")
+    searcher = make_searcher(pipeline, None, budget=1000.0)
+    config = searcher.suggest("t0")
+    assert isinstance(config, dict)
+    spent = {"total_cost": 2.5, "stage_costs/stage1": 2.0, "stage_costs/stage2": 0.5}
+    # What the trainable reports when a stage raises, then Tune's error call.
+    searcher.on_trial_result("t0", {**spent, "score": float("nan"), "stage_failed": 1})
+    searcher.on_trial_complete("t0", error=True)
+    record = searcher.engine.store["t0"]
+    assert record.status is TrialStatus.FAILED and record.objective is None
+    assert record.charged_cost == pytest.approx(2.5)
+    assert searcher.budget_spent == pytest.approx(2.5)
+    # Without a report, an errored trial is charged nothing (nothing is known).
+    searcher.suggest("t1")
+    searcher.on_trial_complete("t1", error=True)
+    assert searcher.budget_spent == pytest.approx(2.5)
