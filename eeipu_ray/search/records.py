@@ -339,9 +339,14 @@ class TrialStore:
         memoized = result.get("memoized_stages")
         if _is_number(memoized) and math.isfinite(float(memoized)):
             record.memoized_stages = max(0, min(int(memoized), len(self.stage_names)))
-        # A stage run from scratch costs what it spent when no compute cost is reported.
+        # A stage run from scratch costs what it spent when no compute cost is
+        # reported; not the stage a failed trial died in (``stage_failed``): what
+        # it ran before it raised is no compute cost.
+        died_in = -1
+        if result.get("stage_failed"):
+            died_in = max((k for k, s in enumerate(spent) if s is not None), default=-1)
         for k, s in enumerate(spent):
-            if compute[k] is None and s is not None and k >= record.memoized_stages:
+            if compute[k] is None and s is not None and record.memoized_stages <= k != died_in:
                 compute[k] = s
         record.stage_spent_costs = spent
         record.stage_compute_costs = compute

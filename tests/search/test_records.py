@@ -190,3 +190,21 @@ def test_record_dict_round_trip_is_json_able():
 def test_invalid_mode():
     with pytest.raises(ValueError, match="mode"):
         TrialStore(STAGES, mode="maximize")
+
+
+def test_the_stage_a_failed_trial_died_in_teaches_no_compute_cost() -> None:
+    store = TrialStore(["a", "b", "c"])
+    store.add_pending("t", {}, torch.zeros(0))
+    store.complete(
+        "t",
+        {
+            "score": float("nan"),
+            "stage_failed": 1,
+            "memoized_stages": 0,
+            "stage_costs/a": 2.0,
+            "stage_costs/b": 0.5,
+        },
+    )
+    record = store["t"]
+    assert record.charged_cost == 2.5
+    assert record.stage_compute_costs == [2.0, None, None]
