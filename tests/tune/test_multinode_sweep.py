@@ -233,9 +233,17 @@ def test_a_worker_node_killed_mid_sweep(
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             markers = list(marker_dir.glob("*")) if marker_dir.exists() else []
-            on_victim = [m for m in markers if m.name.startswith(victim.node_id)]
-            if len(markers) >= 3 and on_victim:  # mid-sweep, inside a stage there
-                newest = max(on_victim, key=lambda m: m.stat().st_mtime_ns)
+            # A marker on the victim younger than a quarter of the stage: that
+            # trial is inside its last stage there now (an older marker may
+            # belong to a trial that has already finished).
+            now = time.time()
+            fresh = [
+                m
+                for m in markers
+                if m.name.startswith(victim.node_id) and now - m.stat().st_mtime < sleep_s / 4
+            ]
+            if len(markers) >= 3 and fresh:  # mid-sweep, inside a stage there
+                newest = max(fresh, key=lambda m: m.stat().st_mtime_ns)
                 time.sleep(sleep_s / 3)
                 killed["trial"] = newest.name.split(".")[1]
                 killed["at"] = time.monotonic()
