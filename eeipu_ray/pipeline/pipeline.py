@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -151,6 +153,36 @@ class Pipeline:
                 params[param] = domain
         return per_stage
 
+    def check_config(self, config: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """:meth:`split_config`, and every value checked against its domain.
+
+        What :func:`~eeipu_ray.pipeline.runner.run_pipeline` runs. A value fits
+        its domain when it is one of a ``choice``'s categories (or a
+        ``grid_search``'s values); for ``uniform``/``loguniform``/``randint``
+        and their quantized forms, when it is a real number (an integral one for
+        integer domains; not a bool or a string), finite, and within the
+        domain's ``[lower, upper]`` (up to float rounding). ``sample_from`` and
+        constants take any value.
+
+        Returns:
+            Each stage's hyperparameters, in stage order.
+
+        Raises:
+            ConfigError: naming ``stage/key``, the value and the domain, for the
+                first value that does not fit (and everything ``split_config`` raises).
+        """
+        per_stage = self.split_config(config)
+        for stage, params in zip(self.stages, per_stage, strict=True):
+            for key, domain in stage.space.items():
+                problem = _domain_problem(domain, params[key])
+                if problem is not None:
+                    raise ConfigError(
+                        f"config value {stage.name}/{key} = {params[key]!r:.200} of pipeline "
+                        f"{self.name!r} {problem}; give a value of the domain, or widen the "
+                        "stage's space (Pipeline(space=...)) to run it"
+                    )
+        return per_stage
+
     def nest_config(self, config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """The config in nested form ``{stage: {key: value}}``, constants filled."""
         return {s.name: p for s, p in zip(self.stages, self.split_config(config), strict=True)}
@@ -200,6 +232,65 @@ class Pipeline:
         from eeipu_ray.tune.trainable import pipeline_trainable
 
         return pipeline_trainable(self, cache=cache, metric=metric, **kwargs)
+
+
+def _domain_kind(value: Any) -> str | None:
+    """``"grid"``, ``"choice"``, ``"float"``, ``"int"``, ``"other"`` (a domain this
+    module does not check, e.g. ``sample_from``) or ``None`` for a constant."""
+    if isinstance(value, Mapping) and set(value) == {"grid_search"}:
+        return "grid"
+    names = [cls.__name__ for cls in type(value).__mro__]
+    if "Domain" not in names:
+        return None
+    for name, kind in (("Categorical", "choice"), ("Integer", "int"), ("Float", "float")):
+        if name in names:
+            return kind
+    return "other"
+
+
+def _domain_problem(domain: Any, value: Any) -> str | None:
+    """Why ``value`` does not fit ``domain`` (words to follow the value), or None."""
+    kind = _domain_kind(domain)
+    if kind is None or kind == "other":
+        return None
+    if kind in ("choice", "grid"):
+        options = list(domain.categories if kind == "choice" else domain["grid_search"])
+        if any(_same_option(option, value) for option in options):
+            return None
+        what = "choice" if kind == "choice" else "grid_search"
+        return f"is not one of the {what} values {options!r:.200}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"is a {type(value).__name__}, not a number (domain {domain!r:.100})"
+    if kind == "int" and not isinstance(value, numbers.Integral):
+        return f"is a {type(value).__name__}, not an integer (domain {domain!r:.100})"
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        return "is not a finite number"
+    lower, upper = float(domain.lower), float(domain.upper)
+    q = getattr(getattr(domain, "sampler", None), "q", None)
+    # Float rounding only: Ray's own quantized samples are k * q, a bound times (1 + eps).
+    tolerance = 1e-9 * max(1.0, abs(lower), abs(upper), abs(float(q or 0.0)))
+    if not lower - tolerance <= number <= upper + tolerance:
+        return f"is outside the domain's bounds [{lower!r}, {upper!r}]"
+    return None
+
+
+def _same_option(option: Any, value: Any) -> bool:
+    # Identity first: categories may be classes, functions, objects with odd __eq__.
+    if option is value:
+        return True
+    if isinstance(option, list | tuple) and isinstance(value, list | tuple):
+        # Tune and JSON round trips may turn a tuple category into a list.
+        return len(option) == len(value) and all(
+            _same_option(a, b) for a, b in zip(option, value, strict=True)
+        )
+    try:
+        return bool(option == value)
+    except (TypeError, ValueError):  # e.g. NumPy arrays: ambiguous truth value
+        return False
 
 
 def _apply_space(

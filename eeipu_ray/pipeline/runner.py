@@ -294,13 +294,14 @@ def run_pipeline(
             :class:`~eeipu_ray.energy.EnergyMeter` is used and left open.
 
     Raises:
-        ConfigError: the config does not fit the search space.
+        ConfigError: the config does not fit the search space: a missing or unknown
+            key, or a value outside its domain (see :meth:`Pipeline.check_config`).
         StageExecutionError: a stage raised (the original exception is chained).
         CodecError: a stage returned a value no codec can store (names the stage).
     """
     from eeipu_ray.energy import NoMeter, auto_meter, visible_gpu_ids
 
-    per_stage = pipeline.split_config(config)
+    per_stage = pipeline.check_config(config)
     keys = pipeline._keys(per_stage)
     if meter == "auto":
         gpu_ids = visible_gpu_ids() if device.startswith("cuda") else []

@@ -19,10 +19,13 @@ from eeipu_ray.search.acquisition import (
 )
 from eeipu_ray.search.engine import ACQUISITIONS, STATE_FORMAT, BOEngine, EngineOptions
 from eeipu_ray.search.errors import (
+    AcquisitionError,
+    AcquisitionWarning,
     EngineOptionsError,
     EngineStateError,
     ModelFitWarning,
     SearchSpaceError,
+    TrialResultError,
     TrialStateError,
 )
 from eeipu_ray.search.models import (
@@ -49,6 +52,8 @@ from eeipu_ray.search.space import Dimension, SearchSpace
 __all__ = [
     "ACQUISITIONS",
     "STATE_FORMAT",
+    "AcquisitionError",
+    "AcquisitionWarning",
     "BOEngine",
     "CachedPrefixes",
     "Candidate",
@@ -75,6 +80,7 @@ __all__ = [
     "SearchSpaceError",
     "SurrogateModels",
     "TrialRecord",
+    "TrialResultError",
     "TrialStateError",
     "TrialStatus",
     "TrialStore",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -45,7 +46,13 @@ from eeipu_ray.search.acquisition import (
     suffix_cost,
 )
 from eeipu_ray.search.design import cheap_and_diverse
-from eeipu_ray.search.errors import EngineOptionsError, EngineStateError, TrialStateError
+from eeipu_ray.search.errors import (
+    AcquisitionError,
+    AcquisitionWarning,
+    EngineOptionsError,
+    EngineStateError,
+    TrialStateError,
+)
 from eeipu_ray.search.models import (
     FitOptions,
     GPFitter,
@@ -60,7 +67,13 @@ from eeipu_ray.search.optimize import (
     build_prefix_pool,
     rank_over_pool,
 )
-from eeipu_ray.search.records import TrialRecord, TrialStatus, TrialStore
+from eeipu_ray.search.records import (
+    TrialRecord,
+    TrialStatus,
+    TrialStore,
+    check_trial_id,
+    cost_sum,
+)
 from eeipu_ray.search.space import SearchSpace
 
 logger = logging.getLogger(__name__)
@@ -340,9 +353,9 @@ class BOEngine:
         overall = [c for costs in by_depth.values() for c in costs]
         if not overall:
             return self.budget_spent  # nothing to go by yet
-        means = {d: math.fsum(c) / len(c) for d, c in by_depth.items()}
-        fallback = math.fsum(overall) / len(overall)
-        expected = math.fsum(means.get(r.planned_prefix_depth, fallback) for r in pending)
+        means = {d: cost_sum(c) / len(c) for d, c in by_depth.items()}
+        fallback = cost_sum(overall) / len(overall)
+        expected = cost_sum(means.get(r.planned_prefix_depth, fallback) for r in pending)
         return self.budget_spent + expected
 
     def can_start(self) -> bool:
@@ -401,6 +414,7 @@ class BOEngine:
         Raises:
             TrialStateError: ``trial_id`` was suggested before.
         """
+        check_trial_id(trial_id)
         if trial_id in self.store:
             raise TrialStateError(
                 f"trial id {trial_id!r} was already suggested; trial ids must be unique"
@@ -787,17 +801,30 @@ class BOEngine:
             pool = build_prefix_pool(top, self.space.n_stages, self._prefix_dims, is_available)
         else:
             pool = [Prefix(depth=0)]
-        ranked = rank_over_pool(
-            acqf,
-            pool,
-            self._prefix_dims,
-            self.space.dim,
-            OptimizeOptions(
-                num_restarts=opts.num_restarts, raw_samples=opts.raw_samples, maxiter=opts.maxiter
-            ),
-            seed=seed,
-            keep_raw=_BATCH_RAW_CANDIDATES if q > 1 else 0,
-        )
+        try:
+            ranked = rank_over_pool(
+                acqf,
+                pool,
+                self._prefix_dims,
+                self.space.dim,
+                OptimizeOptions(
+                    num_restarts=opts.num_restarts,
+                    raw_samples=opts.raw_samples,
+                    maxiter=opts.maxiter,
+                ),
+                seed=seed,
+                keep_raw=_BATCH_RAW_CANDIDATES if q > 1 else 0,
+            )
+        except AcquisitionError as exc:
+            # Objectives or costs of extreme magnitude (|y| ~ 1e154 and beyond
+            # overflow the GP's standardization): no point is better than another.
+            warnings.warn(
+                f"BO step {step}: {exc}; proposing a random point instead",
+                AcquisitionWarning,
+                stacklevel=2,
+            )
+            x = self._random.propose(10_000 + step)
+            return [self._proposal(store, None, x, cached, eta, step)]
         # The best candidate whose config no trial has had: re-running an
         # evaluated config (an acquisition maximum on a boundary of the cube,
         # say) would spend budget to learn nothing new.

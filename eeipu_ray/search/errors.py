@@ -29,9 +29,27 @@ class TrialStateError(EEIPUError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class TrialResultError(EEIPUError, TypeError):
+    """A result given to the engine is not a mapping of metric and cost keys; the
+    message names the trial and what was given instead."""
+
+
+class AcquisitionError(EEIPUError, ValueError):
+    """The acquisition could not be optimized numerically: it is not finite at any
+    raw sample or optimized candidate (objectives or costs of extreme magnitude).
+    The engine catches it and proposes a random point, with an
+    :class:`AcquisitionWarning`."""
+
+
 class EngineStateError(EEIPUError, ValueError):
     """A checkpoint given to ``load_state_dict`` is of another format or another
     search space."""
+
+
+class AcquisitionWarning(EEIPUWarning):
+    """A BO step fell back: the acquisition was not finite anywhere (the engine
+    proposed a random point) or its gradient was NaN (the best raw samples were
+    used instead of L-BFGS-B's end points)."""
 
 
 class ModelFitWarning(EEIPUWarning):

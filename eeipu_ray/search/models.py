@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from linear_operator.utils.errors import NanError, NotPSDError
 from torch import Tensor
 
 from eeipu_ray.search.errors import ModelFitWarning
-from eeipu_ray.search.records import TrialRecord, TrialStatus
+from eeipu_ray.search.records import TrialRecord, TrialStatus, cost_sum
 
 logger = logging.getLogger(__name__)
 
@@ -663,7 +664,9 @@ def _total_cost_data(records: Sequence[TrialRecord]) -> tuple[Tensor, Tensor]:
         if not r.finished or not costs or any(c is None for c in costs):
             continue
         xs.append(r.x)
-        ys.append(math.log(max(math.fsum(c for c in costs if c is not None), _MIN_COST)))
+        # min(): finite costs whose sum overflows keep a finite log (the GP needs one).
+        total = min(cost_sum(c for c in costs if c is not None), sys.float_info.max)
+        ys.append(math.log(max(total, _MIN_COST)))
     if not xs:
         return torch.empty(0, 0, dtype=torch.double), torch.empty(0, 1, dtype=torch.double)
     return torch.stack(xs).to(torch.double), torch.tensor(ys, dtype=torch.double).unsqueeze(-1)

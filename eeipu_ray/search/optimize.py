@@ -25,10 +25,13 @@ from dataclasses import dataclass
 
 import torch
 from botorch.acquisition import AcquisitionFunction
+from botorch.exceptions.errors import OptimizationGradientError
 from botorch.exceptions.warnings import OptimizationWarning
 from botorch.generation.gen import gen_candidates_scipy
 from botorch.optim.initializers import initialize_q_batch
 from torch import Tensor
+
+from eeipu_ray.search.errors import AcquisitionError, AcquisitionWarning
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +222,10 @@ def rank_over_pool(
             x0 = _pick_restarts(X_i, vals_i, n_restarts[i])
             starts.append(x0)
             owners.extend([i] * x0.shape[0])
+    if not owners:
+        raise AcquisitionError(
+            "every raw sample of every prefix has a non-finite acquisition value"
+        )
     owner = torch.tensor(owners, dtype=torch.double)
     X0 = torch.cat([torch.cat(starts), owner.unsqueeze(-1)], dim=-1).unsqueeze(-2)  # b x 1 x d+1
 
@@ -233,15 +240,30 @@ def rank_over_pool(
         # L-BFGS-B stopping at the iteration limit or on a line-search failure
         # still returns its best point; say so at debug level only.
         warnings.simplefilter("always", OptimizationWarning)
-        cands, cand_vals = gen_candidates_scipy(
-            initial_conditions=X0,
-            acquisition_function=wrapped,
-            lower_bounds=0.0,
-            upper_bounds=1.0,
-            # one problem at a time if BoTorch must leave its batched L-BFGS-B path
-            options={"maxiter": options.maxiter, "max_optimization_problem_aggregation_size": 1},
-            fixed_features={dim: owner},  # the owner column is never optimized
-        )
+        try:
+            cands, cand_vals = gen_candidates_scipy(
+                initial_conditions=X0,
+                acquisition_function=wrapped,
+                lower_bounds=0.0,
+                upper_bounds=1.0,
+                # one problem at a time if BoTorch must leave its batched L-BFGS-B path
+                options={
+                    "maxiter": options.maxiter,
+                    "max_optimization_problem_aggregation_size": 1,
+                },
+                fixed_features={dim: owner},  # the owner column is never optimized
+            )
+        except OptimizationGradientError as exc:
+            # NaN gradients (costs or objectives of extreme magnitude): the
+            # restarts' starting points, the best raw samples, are finite.
+            warnings.warn(
+                f"acquisition gradient is NaN ({exc}); using the best raw samples "
+                "instead of optimized candidates",
+                AcquisitionWarning,
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                cands, cand_vals = X0, wrapped(X0)
     for w in caught:
         if issubclass(w.category, OptimizationWarning):
             logger.debug("acquisition optimizer: %s", w.message)
@@ -279,7 +301,7 @@ def _ranked(
     cand_vals = cand_vals.reshape(-1)
     finite = torch.isfinite(cand_vals)
     if not finite.any():
-        raise ValueError("the acquisition is not finite at any optimized candidate")
+        raise AcquisitionError("the acquisition is not finite at any optimized candidate")
     ranked = []
     for j in cand_vals.argsort(descending=True).tolist():
         if not finite[j]:
@@ -350,9 +372,7 @@ def _pick_restarts(X: Tensor, vals: Tensor, n: int) -> Tensor:
     favoring high values (BoTorch's heuristic), non-finite values dropped."""
     finite = torch.isfinite(vals)
     X, vals = X[finite], vals[finite]
-    if X.shape[0] == 0:
-        raise ValueError("every raw sample has a non-finite acquisition value")
-    if X.shape[0] <= n:
+    if X.shape[0] <= n:  # all of them; none when no value is finite (no restart)
         return X
     chosen, _ = initialize_q_batch(X.unsqueeze(-2), vals, n)
     chosen = chosen.squeeze(-2)

@@ -16,6 +16,12 @@ Results are parsed from the flat schema of
 A result whose metric is missing, not a number, NaN or infinite, or a trial
 that errored, is a *failure*: it gets no objective, but what it spent is still
 charged to the budget and its finite compute costs still teach the cost GPs.
+
+A cost entry that is negative, NaN, infinite or not a number is *unknown*: it
+is neither charged nor learned, and a warning names the trial, the key and the
+value (the trial's other, valid costs still count). A result with no valid
+cost at all is charged 0, with a warning. A result that is not a mapping is
+refused with :class:`~eeipu_ray.search.errors.TrialResultError`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -31,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eeipu_ray.search.errors import TrialStateError
+from eeipu_ray.search.errors import TrialResultError, TrialStateError
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +210,7 @@ class TrialStore:
     @property
     def budget_spent(self) -> float:
         """Sum of the costs charged by finished trials."""
-        return float(math.fsum(r.charged_cost for r in self if r.finished))
+        return cost_sum(r.charged_cost for r in self if r.finished)
 
     def top(self, q: int) -> list[TrialRecord]:
         """The ``q`` completed records with the largest objective (ties: earlier first)."""
@@ -237,6 +243,7 @@ class TrialStore:
         Raises:
             TrialStateError: the id is already known.
         """
+        check_trial_id(trial_id)
         if trial_id in self._records:
             raise TrialStateError(
                 f"trial id {trial_id!r} was already suggested; trial ids must be unique"
@@ -271,6 +278,11 @@ class TrialStore:
             TrialStateError: the trial id is unknown.
         """
         record = self[trial_id]
+        if result is not None and not isinstance(result, Mapping):
+            raise TrialResultError(
+                f"result of trial {trial_id!r} must be a mapping of metric and cost keys "
+                f"(or None), got {type(result).__name__}: {result!r:.200}"
+            )
         if record.finished:
             logger.debug(
                 "trial %s already %s; second completion ignored", trial_id, record.status.value
@@ -283,14 +295,15 @@ class TrialStore:
             reason = error if isinstance(error, str) else "trial raised an error"
         else:
             value = result.get(self.metric)
+            number = _as_float(value)
             if value is None:
                 reason = f"result lacks the metric {self.metric!r}"
-            elif not _is_number(value):
-                reason = f"metric {self.metric!r} is not a number: {value!r}"
-            elif not math.isfinite(float(value)):
-                reason = f"metric {self.metric!r} is {float(value)}"
+            elif number is None:
+                reason = f"metric {self.metric!r} is not a number: {value!r:.200}"
+            elif not math.isfinite(number):
+                reason = f"metric {self.metric!r} is {number}"
             else:
-                record.objective = float(value) if self.mode == "max" else -float(value)
+                record.objective = number if self.mode == "max" else -number
         if reason is None:
             record.status = TrialStatus.COMPLETED
         else:
@@ -327,17 +340,29 @@ class TrialStore:
     def _key(self, prefix: str, stage: str) -> str:
         return f"{prefix}/{stage}" if stage else prefix
 
+    def _cost(self, record: TrialRecord, result: Mapping[str, Any], key: str) -> float | None:
+        """``result[key]`` as a cost, or ``None`` when absent or invalid (warned)."""
+        if key not in result:
+            return None
+        value = result[key]
+        cost = _finite_nonneg(value)
+        if cost is None and value is not None:
+            logger.warning(
+                "trial %s reported %s = %.200r, which is no cost (costs are finite "
+                "numbers >= 0); treated as unknown: neither charged nor learned",
+                record.trial_id,
+                key,
+                value,
+            )
+        return cost
+
     def _fill_costs(self, record: TrialRecord, result: Mapping[str, Any]) -> None:
-        spent = [_finite_nonneg(result.get(self._key("stage_costs", s))) for s in self.stage_names]
-        compute = [
-            _finite_nonneg(result.get(self._key("compute_costs", s))) for s in self.stage_names
-        ]
-        loads = [
-            _finite_nonneg(result.get(self._key("load_seconds", s))) or 0.0
-            for s in self.stage_names
-        ]
-        memoized = result.get("memoized_stages")
-        if _is_number(memoized) and math.isfinite(float(memoized)):
+        stages = self.stage_names
+        spent = [self._cost(record, result, self._key("stage_costs", s)) for s in stages]
+        compute = [self._cost(record, result, self._key("compute_costs", s)) for s in stages]
+        loads = [self._cost(record, result, self._key("load_seconds", s)) or 0.0 for s in stages]
+        memoized = _as_float(result.get("memoized_stages"))
+        if memoized is not None and math.isfinite(memoized):
             record.memoized_stages = max(0, min(int(memoized), len(self.stage_names)))
         # A stage run from scratch costs what it spent when no compute cost is
         # reported; not the stage a failed trial died in (``stage_failed``): what
@@ -352,9 +377,9 @@ class TrialStore:
         record.stage_compute_costs = compute
         record.load_seconds = loads
         if any(s is not None for s in spent):
-            record.charged_cost = float(math.fsum(s for s in spent if s is not None))
+            record.charged_cost = cost_sum(s for s in spent if s is not None)
         else:
-            total = _finite_nonneg(result.get("total_cost"))
+            total = self._cost(record, result, "total_cost")
             record.charged_cost = total if total is not None else 0.0
             if total is None and result:
                 logger.warning(
@@ -374,20 +399,47 @@ class TrialStore:
 # --------------------------------------------------------------------------
 
 
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int | float):
-        return True
-    try:  # numpy scalars, 0-d tensors
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return not isinstance(value, str | bytes)
+def check_trial_id(trial_id: Any) -> str:
+    """Return ``trial_id`` if it is a non-empty string, else raise.
+
+    A checkpoint stores ids as strings: an int id would not match itself after a
+    restore.
+
+    Raises:
+        TrialStateError: naming the id and its type.
+    """
+    if not isinstance(trial_id, str) or not trial_id:
+        raise TrialStateError(
+            f"trial id {trial_id!r} ({type(trial_id).__name__}) must be a non-empty string"
+        )
+    return trial_id
+
+
+def _as_float(value: Any) -> float | None:
+    """``value`` as a float (Python and NumPy numbers, 0-d tensors), else ``None``.
+
+    Strings and bools are no numbers here; an int too large for a float becomes
+    an infinity of its sign (so it is "not finite", not a crash).
+    """
+    if value is None or isinstance(value, bool | str | bytes):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return -math.inf if isinstance(value, int) and value < 0 else math.inf
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: tensors of > 1 element
+        return None
 
 
 def _finite_nonneg(value: Any) -> float | None:
-    if value is None or not _is_number(value):
-        return None
-    v = float(value)
-    return v if math.isfinite(v) and v >= 0.0 else None
+    v = _as_float(value)
+    return v if v is not None and math.isfinite(v) and v >= 0.0 else None
+
+
+def cost_sum(values: Iterable[float]) -> float:
+    """``math.fsum`` of non-negative costs; ``inf`` where the sum overflows a float."""
+    values = list(values)
+    try:
+        return float(math.fsum(values))
+    except OverflowError:  # finite costs near the float maximum: the sum is +inf
+        return math.inf

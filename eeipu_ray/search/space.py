@@ -289,7 +289,12 @@ class SearchSpace:
             ``int`` for integer domains, the original object for choices and
             ``float`` otherwise, in the space's key order.
         """
-        x = torch.as_tensor(x, dtype=torch.double).reshape(-1)
+        try:
+            x = torch.as_tensor(x, dtype=torch.double).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise SearchSpaceError(
+                f"cube point {x!r:.200} is not a sequence of {self.dim} numbers ({exc})"
+            ) from None
         if x.numel() != self.dim:
             raise SearchSpaceError(f"cube point has {x.numel()} coordinates, space has {self.dim}")
         values = {(d.stage, d.key): _decode(d, float(x[i])) for i, d in enumerate(self.dims)}
@@ -432,6 +437,11 @@ def _make_dimension(
         raise SearchSpaceError(
             f"{shown!r}: bounds [{lower}, {upper}] must be finite with lower <= upper"
         )
+    if not math.isfinite(upper - lower):
+        raise SearchSpaceError(
+            f"{shown!r}: bounds [{lower}, {upper}] are too far apart for a float "
+            "(their difference overflows); narrow them"
+        )
     if log and lower <= 0:
         raise SearchSpaceError(f"{shown!r}: log domains need a lower bound > 0, got {lower}")
     is_int = isinstance(value, rs.Integer)
@@ -440,7 +450,13 @@ def _make_dimension(
     if q is None and not is_int:  # continuous float
         t_lo, t_hi = (math.log(lower), math.log(upper)) if log else (lower, upper)
         return Dimension(
-            stage, key, stage_index, kind, log=log, t_lower=t_lo, t_upper=t_hi,
+            stage,
+            key,
+            stage_index,
+            kind,
+            log=log,
+            t_lower=t_lo,
+            t_upper=t_hi,
             bounds=(lower, upper) if log else None,
         )
 
@@ -497,12 +513,18 @@ def _encode(dim: Dimension, value: Any) -> float:
     """Cube coordinate of one value."""
     if dim.kind == "categorical":
         return (_category_index(dim, value) + 0.5) / dim.n
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        try:
-            value = float(value)  # numpy scalars, 0-d tensors
-        except (TypeError, ValueError):
-            raise SearchSpaceError(f"{dim.name!r}: value {value!r} is not a number") from None
-    value = float(value)
+    if isinstance(value, bool | str | bytes):  # float() would take "1", b"1" and True
+        raise SearchSpaceError(
+            f"{dim.name!r}: value {value!r} is a {type(value).__name__}, not a number"
+        )
+    try:
+        value = float(value)  # also numpy scalars, 0-d tensors
+    except OverflowError:  # an int beyond the float range
+        raise SearchSpaceError(
+            f"{dim.name!r}: value {value!r:.60} is too large for a float"
+        ) from None
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of > 1 element
+        raise SearchSpaceError(f"{dim.name!r}: value {value!r:.200} is not a number") from None
     if not math.isfinite(value):
         raise SearchSpaceError(f"{dim.name!r}: value {value!r} is not finite")
     if dim.is_grid:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
-from eeipu_ray.errors import EEIPUError
+from eeipu_ray.errors import ConfigError, EEIPUError
 
 if TYPE_CHECKING:
     from eeipu_ray.cache import PrefixCache
@@ -39,6 +39,10 @@ CHECKPOINT_FORMAT = 1
 
 class SearcherStateError(EEIPUError, RuntimeError):
     """The searcher was used before it knew its search space, or a checkpoint does not fit."""
+
+
+class SearcherOptionsError(EEIPUError, ValueError):
+    """An argument of :class:`EEIPUSearcher` is invalid; the message names it."""
 
 
 class EEIPUSearcher(Searcher):
@@ -134,15 +138,20 @@ class EEIPUSearcher(Searcher):
         lookahead: bool | None = None,
         batch_size: int | str = "auto",
     ) -> None:
+        # Ray's Searcher asserts on these; say what is wrong instead.
+        if metric is not None and (not isinstance(metric, str) or not metric):
+            raise SearcherOptionsError(f"metric={metric!r} must be a non-empty string or None")
+        if mode not in (None, "min", "max"):
+            raise SearcherOptionsError(f"mode={mode!r} must be 'min', 'max' or None")
         super().__init__(metric=metric, mode=mode)
         if pipeline is not None and space is not None:
             raise SearcherStateError("give either a pipeline or a space, not both")
         if not isinstance(max_concurrent, int) or max_concurrent < 0:
-            raise ValueError(f"max_concurrent={max_concurrent!r} must be an int >= 0")
+            raise SearcherOptionsError(f"max_concurrent={max_concurrent!r} must be an int >= 0")
         if batch_size != "auto" and (
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
-            raise ValueError(f"batch_size={batch_size!r} must be 'auto' or an int >= 1")
+            raise SearcherOptionsError(f"batch_size={batch_size!r} must be 'auto' or an int >= 1")
         self._pipeline = pipeline
         self._cache = cache
         self._budget = budget
@@ -151,11 +160,19 @@ class EEIPUSearcher(Searcher):
         self._seed = seed
         self._max_concurrent = max_concurrent
         if cost not in ("time", "energy"):
-            raise ValueError(f"cost={cost!r} must be 'time' or 'energy'")
+            raise SearcherOptionsError(f"cost={cost!r} must be 'time' or 'energy'")
         self._cost = cost
         self._cost_key = cost_key or ("total_energy_joules" if cost == "energy" else "time_total_s")
         self._base_options = options
+        for i, point in enumerate(points_to_evaluate or []):
+            if not isinstance(point, Mapping):
+                raise ConfigError(
+                    f"points_to_evaluate[{i}] must be a config mapping, got "
+                    f"{type(point).__name__}: {point!r:.200}"
+                )
         self._points = [copy.deepcopy(dict(p)) for p in points_to_evaluate or []]
+        if pipeline is not None:
+            self._check_points(pipeline)
         self._space = (
             dict(pipeline.search_space)
             if pipeline is not None
@@ -176,6 +193,18 @@ class EEIPUSearcher(Searcher):
             self._build_engine()
 
     # ------------------------------------------------------------ set-up
+    def _check_points(self, pipeline: Pipeline) -> None:
+        """Refuse a point the pipeline would refuse in its trial, now, naming it.
+
+        Raises:
+            ConfigError: ``points_to_evaluate[i]`` does not fit the pipeline's space.
+        """
+        for i, point in enumerate(self._points):
+            try:
+                pipeline.check_config(point)
+            except ConfigError as exc:
+                raise ConfigError(f"points_to_evaluate[{i}]: {exc}") from exc
+
     def set_search_properties(
         self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
     ) -> bool:
