@@ -27,6 +27,17 @@ Publishing is atomic:
 Whatever a writer leaves behind when it dies (data without a manifest, a
 temporary manifest) is invisible to readers and removed by
 :meth:`FsStore.collect_garbage` once it is older than a grace period.
+
+Failing storage: every operation raises the cache's own errors, never the
+storage library's. :class:`CacheUnreachableError` when a remote store does not
+answer (after the retries of botocore and s3fs, bounded by the defaults in
+:data:`S3_DEFAULT_CONFIG` / :data:`S3_DEFAULT_RETRIES`), then for
+``unreachable_cooldown`` seconds every remote call fails at once instead of
+waiting out the timeouts again; :class:`CacheStorageError` for other refusals
+(a full disk, no permission, a missing bucket). A write that fails because the
+store became unreachable does not try to remove its data objects (that would
+wait out the timeouts once more): they have no manifest, stay invisible, and
+``collect_garbage`` removes them.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import mmap
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -50,8 +62,13 @@ from typing import Any
 import xxhash
 
 from eeipu_ray.cache.codecs import PartData, iter_blobs, write_part
+from eeipu_ray.cache.errors import (
+    CacheConfigError,
+    CacheError,
+    CacheStorageError,
+    CacheUnreachableError,
+)
 from eeipu_ray.cache.manifest import FileRecord, checksum
-from eeipu_ray.errors import CacheConfigError, CacheError, CacheStorageError
 from eeipu_ray.pipeline.keys import check_key
 
 logger = logging.getLogger("eeipu_ray.cache")
@@ -63,6 +80,58 @@ _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _LOCAL_PROTOCOLS = ("file", "local")
 #: Object stores whose PUT takes ``If-None-Match: *`` through s3fs ``mode="create"``.
 _CONDITIONAL_PUT_PROTOCOLS = ("s3", "s3a")
+
+#: botocore client settings of ``s3://`` caches, each used only where
+#: ``storage_options["config_kwargs"]`` (and, for the retries, the
+#: ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS`` environment) leaves it unset:
+#: "standard" retries (exponential backoff with jitter on connection errors,
+#: timeouts, throttling and 5xx), 3 attempts per request (``max_attempts`` counts
+#: the retries), and the socket timeouts s3fs uses.
+S3_DEFAULT_CONFIG: dict[str, Any] = {
+    "connect_timeout": 5,
+    "read_timeout": 15,
+    "retries": {"mode": "standard", "max_attempts": 2},
+}
+#: s3fs's own attempts per call (``storage_options["retries"]``), around
+#: botocore's: it also re-reads a body cut off mid-transfer. s3fs defaults to 5,
+#: which multiplied with botocore's legacy 5 makes 25 attempts per call.
+S3_DEFAULT_RETRIES = 2
+#: Seconds a remote store found unreachable is not asked again (calls fail at once).
+DEFAULT_UNREACHABLE_COOLDOWN = 30.0
+#: Roots of the packages whose exceptions a storage call translates.
+_STORAGE_PACKAGES = frozenset(
+    {
+        "botocore",
+        "aiobotocore",
+        "s3fs",
+        "fsspec",
+        "aiohttp",
+        "urllib3",
+        "pyarrow",
+        "gcsfs",
+        "adlfs",
+        "google",
+        "azure",
+    }
+)
+_UNREACHABLE_ERRNOS = frozenset(
+    {
+        errno.EBUSY,  # s3fs: 503 SlowDown / ServiceUnavailable after its retries
+        getattr(errno, "EREMOTEIO", -1),  # s3fs: 500 InternalError
+        errno.ETIMEDOUT,
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EPIPE,
+    }
+)
+#: A full disk, a quota, a file size limit (RLIMIT_FSIZE).
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: S3 bucket names as botocore accepts them (AWS is stricter for new buckets).
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 
 
 @dataclass(frozen=True)
@@ -77,8 +146,30 @@ class StoredEntry:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without credentials written into it (``s3://KEY:SECRET@bucket``)."""
-    return re.sub(r"(://)[^/@]*@", r"\1***@", url)
+    """``url`` without credentials written into it (``s3://KEY:SECRET@bucket``).
+
+    A secret may hold ``@`` and ``/`` (AWS secret keys often hold ``/``): the
+    mask runs to the last ``@`` of the authority, or, when the part before an
+    ``@`` further on holds a ``:`` ahead of its first ``/``, to that ``@``.
+    Masking too much only shortens what is shown; masking too little leaks.
+    """
+    return "::".join(_redact_one(part) for part in url.split("::"))
+
+
+def _redact_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    cut = -1
+    for i, char in enumerate(rest):
+        if char != "@":
+            continue
+        before = rest[:i]
+        if "/" not in before or ":" in before.split("/", 1)[0]:
+            cut = i
+    if cut < 0:
+        return url
+    return f"{scheme}://***{rest[cut:]}"
 
 
 class FsStore:
@@ -92,13 +183,28 @@ class FsStore:
             ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``,
             ``AWS_PROFILE``). Never logged or shown.
 
+            For ``s3://``: ``retries`` (s3fs's attempts per call) and
+            ``config_kwargs`` (botocore: ``retries``, ``connect_timeout``,
+            ``read_timeout``) bound how long a call waits on a failing
+            endpoint; unset ones take :data:`S3_DEFAULT_RETRIES` and
+            :data:`S3_DEFAULT_CONFIG`.
+        unreachable_cooldown: Seconds during which, after a remote store was
+            found unreachable, calls fail at once with
+            :class:`CacheUnreachableError` instead of waiting out the timeouts
+            again; ``0`` asks the store every time.
+
     Raises:
-        CacheConfigError: for an empty URL, an unknown scheme, or a scheme whose
-            filesystem package is not installed.
+        CacheConfigError: for an empty URL, an unknown scheme, a scheme whose
+            filesystem package is not installed, an S3 URL without a valid
+            bucket or with credentials in it, or ``.``/``..`` in a URL's path.
     """
 
     def __init__(
-        self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+        self,
+        url: str | os.PathLike[str],
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        unreachable_cooldown: float = DEFAULT_UNREACHABLE_COOLDOWN,
     ) -> None:
         self.url = os.fspath(url)
         if not self.url:
@@ -110,14 +216,25 @@ class FsStore:
             )
         self.storage_options = dict(storage_options or {})
         self.protocol = _check_protocol(self.url)
+        _check_url(self.url)
+        self.unreachable_cooldown = float(unreachable_cooldown)
         self._fs: Any = None
         self._root: str | None = None
         self._local: bool | None = None
         self._conditional_put: bool | None = None  # learned on the first publish
+        self._down_until = 0.0  # monotonic time until which remote calls fail at once
+        self._down_reason = ""
 
     # fsspec filesystems hold clients and sockets; rebuild them after unpickling.
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": None, "_root": None, "_local": None}
+        return {
+            **self.__dict__,
+            "_fs": None,
+            "_root": None,
+            "_local": None,
+            "_down_until": 0.0,
+            "_down_reason": "",
+        }
 
     def __repr__(self) -> str:  # never shows storage_options (credentials)
         return f"FsStore({redact_url(self.url)!r})"
@@ -126,16 +243,28 @@ class FsStore:
         import fsspec
 
         options = dict(self.storage_options)
+        s3_retries = None
         if self.protocol not in (None, *_LOCAL_PROTOCOLS) and "::" not in self.url:
             # Other processes write the same bucket: a cached listing would show
             # entries they removed and hide entries they added.
             options.setdefault("use_listings_cache", False)
+            if self.protocol in ("s3", "s3a"):
+                options, s3_retries = _with_s3_defaults(options)
         try:
             fs, root = fsspec.core.url_to_fs(self.url, **options)
         except (ValueError, ImportError, TypeError) as exc:
             raise CacheConfigError(
                 f"cannot open cache URL {redact_url(self.url)!r}: {_scrub(exc, options)}"
             ) from None
+        except Exception as exc:
+            if not _from_storage_stack(exc):
+                raise
+            raise CacheConfigError(
+                f"cannot open cache URL {redact_url(self.url)!r}: "
+                f"{type(exc).__name__}: {_scrub(exc, options)}"
+            ) from None
+        if s3_retries is not None:
+            fs.retries = s3_retries  # an instance of its own (skip_instance_cache)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         local = protocol in _LOCAL_PROTOCOLS
         root = root.rstrip("/") or "/"
@@ -173,6 +302,81 @@ class FsStore:
             with contextlib.suppress(Exception):  # best effort: not every fs caches
                 self.fs.invalidate_cache(path)
 
+    # ------------------------------------------------------- failing storage
+    @contextlib.contextmanager
+    def _storage_call(
+        self,
+        action: str,
+        key: str | None = None,
+        *,
+        stage: str | None = None,
+        passthrough: tuple[type, ...] = (),
+    ) -> Iterator[None]:
+        """Translate what the storage stack raises inside into the cache's errors.
+
+        ``CacheError`` and the ``passthrough`` types (``FileNotFoundError`` where
+        the caller gives a missing file a meaning) pass; other storage errors
+        become :class:`CacheUnreachableError` (remote store not answering; opens
+        the cool-down) or :class:`CacheStorageError`. Exceptions of other origin
+        (bugs) pass unchanged. During a cool-down a remote call fails at once.
+        """
+        local = self.is_local
+        where = _entry_words(key, stage)
+        if not local:
+            self._check_reachable(action, where)
+        try:
+            yield
+        except CacheError:
+            raise
+        except passthrough:
+            raise
+        except Exception as exc:
+            if not _from_storage_stack(exc):
+                raise
+            raise self._translate(exc, action, where, local=local) from exc
+
+    def _check_reachable(self, action: str, where: str) -> None:
+        left = self._down_until - time.monotonic()
+        if left > 0:
+            raise CacheUnreachableError(
+                f"prefix cache {redact_url(self.url)!r} is unreachable: could not {action}"
+                f"{where}: {self._down_reason} (found moments ago; calls fail "
+                f"at once for another {left:.0f} s, see unreachable_cooldown)"
+            )
+
+    def _translate(
+        self, exc: BaseException, action: str, where: str, *, local: bool
+    ) -> CacheStorageError:
+        detail = redact_url(f"{type(exc).__name__}: {_scrub(exc, self.storage_options)}")
+        if not local and _is_unreachable(exc):
+            if self.unreachable_cooldown > 0:
+                self._down_until = time.monotonic() + self.unreachable_cooldown
+                self._down_reason = detail
+            return CacheUnreachableError(
+                f"prefix cache {redact_url(self.url)!r} is unreachable: could not {action}"
+                f"{where}: {detail} ({self._retry_policy()}); check the endpoint and the "
+                "network, or change the retries and timeouts in storage_options"
+            )
+        if isinstance(exc, OSError):
+            detail = redact_url(_scrub_text(_describe_os_error(exc), self.storage_options))
+        return CacheStorageError(
+            f"prefix cache: could not {action}{where} in {redact_url(self.url)!r}: {detail}"
+        )
+
+    def _retry_policy(self) -> str:
+        fs = self._fs
+        tries = getattr(fs, "retries", None)
+        config = getattr(fs, "config_kwargs", None) or {}
+        retries = config.get("retries") or {}
+        attempts = retries.get("total_max_attempts")
+        if attempts is None and "max_attempts" in retries:
+            attempts = retries["max_attempts"] + 1
+        return (
+            f"tried {tries} x {attempts or '?'} times, {retries.get('mode', '?')} backoff, "
+            f"timeouts connect {config.get('connect_timeout', '?')} s / read "
+            f"{config.get('read_timeout', '?')} s"
+        )
+
     # ----------------------------------------------------------------- paths
     def _entry(self, key: str) -> str:
         return f"{self.root}/entries/{check_key(key)}"
@@ -182,33 +386,48 @@ class FsStore:
 
     # ----------------------------------------------------------------- reads
     def read_manifest(self, key: str) -> bytes | None:
-        """The manifest's bytes, or ``None`` when the entry does not exist."""
+        """The manifest's bytes, or ``None`` when the entry does not exist.
+
+        A file where a directory of the path should be (``ENOTDIR``) means no
+        entry there, as a missing file does; writing there fails loudly.
+        """
         path = f"{self._entry(key)}/{MANIFEST}"
-        try:
-            if self.is_local:
-                with open(path, "rb") as fh:
-                    return fh.read()
-            return self.fs.cat_file(path)
-        except FileNotFoundError:
-            return None
+        with self._storage_call("read the manifest of", key):
+            try:
+                if self.is_local:
+                    with open(path, "rb") as fh:
+                        return fh.read()
+                return self.fs.cat_file(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
 
     def read_part(self, key: str, data_dir: str, part: str) -> Any:
         """The part's bytes as a buffer; local files are memory-mapped (zero copy).
 
         Raises:
             FileNotFoundError: the part is missing.
+            CacheStorageError: the storage failed (:class:`CacheUnreachableError`:
+                it did not answer).
         """
         path = self._data_path(key, data_dir, part)
-        if self.is_local:
-            with open(path, "rb") as fh:
-                if os.fstat(fh.fileno()).st_size == 0:
-                    return b""
-                # Private (copy-on-write) mapping: zero-copy, yet writable, so a
-                # stage may modify a loaded input in place without touching the file.
-                return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        return self.fs.cat_file(path)
+        with self._storage_call(f"read part {part!r} of", key, passthrough=(FileNotFoundError,)):
+            if self.is_local:
+                with open(path, "rb") as fh:
+                    if os.fstat(fh.fileno()).st_size == 0:
+                        return b""
+                    # Private (copy-on-write) mapping: zero-copy, yet writable, so a
+                    # stage may modify a loaded input in place without touching the file.
+                    return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            return self.fs.cat_file(path)
 
     def exists(self, key: str) -> bool:
+        if self.is_local:
+            return self._has_manifest(key)
+        with self._storage_call("look up", key):
+            return self._has_manifest(key)
+
+    def _has_manifest(self, key: str) -> bool:
+        """Whether the entry's manifest exists; storage errors untranslated."""
         path = f"{self._entry(key)}/{MANIFEST}"
         if self.is_local:
             return os.path.exists(path)
@@ -221,6 +440,8 @@ class FsStore:
         key: str,
         parts: Mapping[str, PartData],
         manifest_for: Callable[[str, tuple[FileRecord, ...]], bytes],
+        *,
+        stage: str | None = None,
     ) -> tuple[bool, str, tuple[FileRecord, ...]]:
         """Write ``parts`` and then the manifest.
 
@@ -234,21 +455,14 @@ class FsStore:
             data is removed).
 
         Raises:
-            CacheStorageError: the backend refused the write; nothing of this
-                writer stays visible.
+            CacheStorageError: the backend refused the write (naming the key
+                and ``stage``); nothing of this writer stays visible.
         """
         data_dir = f"d-{uuid.uuid4().hex}"
-        try:
+        with self._storage_call("write", key, stage=stage):
             if self.is_local:
                 return self._publish_local(key, data_dir, parts, manifest_for)
             return self._publish_remote(key, data_dir, parts, manifest_for)
-        except CacheError:
-            raise
-        except OSError as exc:
-            raise CacheStorageError(
-                f"prefix cache: could not write entry {key[:12]} to {redact_url(self.url)!r}: "
-                f"{_describe_os_error(exc)}"
-            ) from exc
 
     def _publish_local(
         self,
@@ -257,7 +471,7 @@ class FsStore:
         parts: Mapping[str, PartData],
         manifest_for: Callable[[str, tuple[FileRecord, ...]], bytes],
     ) -> tuple[bool, str, tuple[FileRecord, ...]]:
-        if self.exists(key):  # cheap early exit; os.link below decides races
+        if self._has_manifest(key):  # cheap early exit; os.link below decides races
             return False, data_dir, ()
         entry = self._entry(key)
         final = os.path.join(entry, MANIFEST)
@@ -308,7 +522,7 @@ class FsStore:
     ) -> tuple[bool, str, tuple[FileRecord, ...]]:
         entry = self._entry(key)
         manifest_path = f"{entry}/{MANIFEST}"
-        if self.exists(key):
+        if self._has_manifest(key):  # cheap early exit; the manifest PUT decides races
             return False, data_dir, ()
         data_prefix = f"{entry}/{data_dir}"
         won = False
@@ -321,14 +535,28 @@ class FsStore:
                 )
                 self._write_remote(f"{data_prefix}/{name}", blobs)
             won = self._put_manifest(manifest_path, manifest_for(data_dir, tuple(files)), data_dir)
-        finally:
-            if not won:
-                with contextlib.suppress(OSError):  # never hide the original error
-                    self._rm_quiet(data_prefix)
+        except Exception as exc:
+            # A store that stopped answering would make the clean-up wait out the
+            # timeouts once more; the data has no manifest (invisible) and gc()
+            # removes it. A retried manifest PUT may even have landed: then the
+            # data belongs to a complete entry and must stay.
+            if not _is_unreachable(exc):
+                self._remove_quietly(data_prefix)
+            raise
+        if not won:
+            self._remove_quietly(data_prefix)
         if won:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # LRU bookkeeping only
                 self.fs.pipe_file(f"{entry}/{USED}", b"")
         return won, data_dir, tuple(files)
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            self._rm_quiet(path)
+        except Exception as exc:  # never hide the original error; gc() retries later
+            if not _from_storage_stack(exc):
+                raise
+            logger.info("prefix cache: could not remove %s: %s", path, exc)
 
     def _put_manifest(self, path: str, body: bytes, data_dir: str) -> bool:
         """Put the manifest; True if this writer's manifest is the entry's."""
@@ -382,20 +610,22 @@ class FsStore:
                     if os.path.exists(os.path.join(entry, MANIFEST)):
                         open(os.path.join(entry, USED), "wb").close()
             elif self.exists(key):  # no stray "used" mark for a removed entry
-                self.fs.pipe_file(f"{entry}/{USED}", b"")
-        except OSError as exc:
+                with self._storage_call("mark used", key):
+                    self.fs.pipe_file(f"{entry}/{USED}", b"")
+        except OSError as exc:  # CacheStorageError included
             logger.debug("prefix cache: could not mark %s used: %s", key[:12], exc)
 
     def delete(self, key: str) -> None:
         """Remove an entry: manifest first (the entry disappears atomically), then data."""
         entry = self._entry(key)
-        if self.is_local:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(entry, MANIFEST))
-            shutil.rmtree(entry, ignore_errors=True)
-            return
-        self._rm_quiet(f"{entry}/{MANIFEST}", recursive=False)
-        self._rm_quiet(entry, recursive=True)
+        with self._storage_call("delete", key):
+            if self.is_local:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(entry, MANIFEST))
+                shutil.rmtree(entry, ignore_errors=True)
+                return
+            self._rm_quiet(f"{entry}/{MANIFEST}", recursive=False)
+            self._rm_quiet(entry, recursive=True)
 
     def delete_if_unchanged(self, key: str, manifest_raw: bytes) -> bool:
         """Delete the entry only if its manifest still reads ``manifest_raw``.
@@ -416,27 +646,30 @@ class FsStore:
     # ------------------------------------------------------------------ pins
     def pin(self, key: str) -> None:
         path = f"{self.root}/pins/{check_key(key)}"
-        if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            open(path, "wb").close()
-        else:
-            self.fs.pipe_file(path, b"")
+        with self._storage_call("pin", key):
+            if self.is_local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                open(path, "wb").close()
+            else:
+                self.fs.pipe_file(path, b"")
 
     def unpin(self, key: str) -> None:
         path = f"{self.root}/pins/{check_key(key)}"
-        if self.is_local:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        else:
-            self._rm_quiet(path, recursive=False)
+        with self._storage_call("unpin", key):
+            if self.is_local:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            else:
+                self._rm_quiet(path, recursive=False)
 
     def pinned(self) -> set[str]:
         path = f"{self.root}/pins"
-        self._fresh(path)
-        try:
-            names = self.fs.ls(path, detail=False)
-        except FileNotFoundError:
-            return set()
+        with self._storage_call("list the pins"):
+            self._fresh(path)
+            try:
+                names = self.fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return set()
         keys = {n.rstrip("/").rsplit("/", 1)[-1] for n in names}
         return {k for k in keys if _KEY_RE.fullmatch(k)}
 
@@ -444,11 +677,15 @@ class FsStore:
     def entries(self) -> list[StoredEntry]:
         """Every entry (complete or not) with its size and last use, one listing call."""
         base = f"{self.root}/entries"
-        self._fresh(base)
-        try:
-            found = self.fs.find(base, detail=True)
-        except FileNotFoundError:
-            return []
+        with self._storage_call("list the entries"):
+            if self.is_local:
+                found = _find_local(base)
+            else:
+                self._fresh(base)
+                try:
+                    found = self.fs.find(base, detail=True)
+                except FileNotFoundError:
+                    return []
         prefix = base.rstrip("/") + "/"
         sizes: dict[str, int] = {}
         used_mark: dict[str, float] = {}
@@ -515,11 +752,12 @@ class FsStore:
     def collect_garbage(self, older_than: float) -> list[str]:
         """Remove what :meth:`iter_orphans` yields, and local entry directories
         left empty. Returns the removed paths."""
-        removed = list(self.iter_orphans(older_than))
-        for path in removed:
-            self.remove_path(path)
-        if self.protocol in ("s3", "s3a"):
-            removed += self._abort_stale_uploads(older_than)
+        with self._storage_call("collect garbage"):
+            removed = list(self.iter_orphans(older_than))
+            for path in removed:
+                self.remove_path(path)
+            if self.protocol in ("s3", "s3a"):
+                removed += self._abort_stale_uploads(older_than)
         if self.is_local:
             base = os.path.join(self.root, "entries")
             with contextlib.suppress(FileNotFoundError):
@@ -556,11 +794,12 @@ class FsStore:
         return aborted
 
     def remove_path(self, path: str) -> None:
-        if self.is_local and not os.path.isdir(path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return
-        self._rm_quiet(path, recursive=True)
+        with self._storage_call(f"remove {path!r} from"):
+            if self.is_local and not os.path.isdir(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                return
+            self._rm_quiet(path, recursive=True)
 
 
 def _check_protocol(url: str) -> str | None:
@@ -590,6 +829,100 @@ def _check_protocol(url: str) -> str | None:
     return first
 
 
+def _check_url(url: str) -> None:
+    """Refuse URLs that would put entries somewhere else than they say."""
+    shown = redact_url(url)
+    if "\x00" in url:
+        raise CacheConfigError(f"cache URL {shown!r} contains a NUL character")
+    from fsspec.core import split_protocol
+
+    for part in url.split("::"):
+        protocol, path = split_protocol(part)
+        if protocol is None:
+            continue  # a local path: PrefixCache made it absolute (``..`` resolved)
+        if any(c in (".", "..") for c in path.split("/")):
+            raise CacheConfigError(
+                f"cache URL {shown!r} has '.' or '..' in its path; object stores do not "
+                "resolve them the way a directory would: give the path they mean"
+            )
+        if protocol not in ("s3", "s3a"):
+            continue
+        authority = path.split("/", 1)[0]
+        if "@" in authority or ("@" in path and redact_url(part) != part):
+            raise CacheConfigError(
+                f"cache URL {shown!r} has credentials in it, which s3fs does not read (it "
+                "would take them for the bucket name); pass key/secret in storage_options "
+                "or use the AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)"
+            )
+        if not authority:
+            raise CacheConfigError(
+                f"cache URL {shown!r} names no bucket; give s3://bucket or s3://bucket/prefix"
+            )
+        if not _BUCKET_RE.fullmatch(authority):
+            raise CacheConfigError(
+                f"cache URL {shown!r}: {authority!r} is not a valid S3 bucket name "
+                "(letters, digits, '.', '-' and '_'; up to 255 characters)"
+            )
+
+
+def _with_s3_defaults(options: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """``options`` with the bounded-retry defaults filled in where unset, and
+    s3fs's attempts per call (an attribute, not a constructor option, of s3fs)."""
+    options = dict(options)
+    retries = options.pop("retries", S3_DEFAULT_RETRIES)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 1:
+        raise CacheConfigError(
+            f"storage_options['retries'] (s3fs attempts per call) must be an int >= 1, "
+            f"got {retries!r}"
+        )
+    config = dict(options.get("config_kwargs") or {})
+    for name in ("connect_timeout", "read_timeout"):
+        config.setdefault(name, S3_DEFAULT_CONFIG[name])
+    botocore_retries = dict(config.get("retries") or {})
+    if "mode" not in botocore_retries and not os.environ.get("AWS_RETRY_MODE"):
+        botocore_retries["mode"] = S3_DEFAULT_CONFIG["retries"]["mode"]
+    if not {"max_attempts", "total_max_attempts"} & set(botocore_retries) and not os.environ.get(
+        "AWS_MAX_ATTEMPTS"
+    ):
+        botocore_retries["max_attempts"] = S3_DEFAULT_CONFIG["retries"]["max_attempts"]
+    if botocore_retries:
+        config["retries"] = botocore_retries
+    options["config_kwargs"] = config
+    # An instance of our own: ``retries`` is set on it after construction.
+    options.setdefault("skip_instance_cache", True)
+    return options, retries
+
+
+def _from_storage_stack(exc: BaseException) -> bool:
+    """Whether ``exc`` is a storage failure (an ``OSError``, or raised by the
+    storage libraries: botocore, s3fs, aiohttp, ...), not a bug of ours."""
+    if isinstance(exc, OSError):
+        return True
+    return type(exc).__module__.split(".", 1)[0] in _STORAGE_PACKAGES
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store did not answer (or kept failing server-side)."""
+    if isinstance(exc, ConnectionError | TimeoutError):  # builtins; FSTimeoutError too
+        return True
+    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS:
+        return True
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None and isinstance(
+        exc, botocore.ConnectionError | botocore.HTTPClientError
+    ):
+        return True
+    aiohttp = sys.modules.get("aiohttp")
+    return aiohttp is not None and isinstance(
+        exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
+    )
+
+
+def _entry_words(key: str | None, stage: str | None = None) -> str:
+    words = f" entry {key[:12]}" if key else ""
+    return f"{words} (stage {stage!r})" if stage else words
+
+
 def _makedirs_fresh(path: str) -> None:
     # A concurrent gc may remove the (empty) entry directory between creating it
     # and creating ``path`` inside it: try again.
@@ -606,17 +939,26 @@ def _describe_os_error(exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError) and exc.filename is None:
         # s3fs: "The specified bucket does not exist" and the like
         return f"{exc} (does the bucket exist?)"
+    if exc.errno in _NO_SPACE_ERRNOS:
+        return f"{exc} (no room left: free space, lower byte_budget or move the cache)"
     return str(exc)
 
 
 def _scrub(exc: BaseException, options: Mapping[str, Any]) -> str:
     """``str(exc)`` without any secret from ``options`` in it."""
-    text = str(exc)
+    return _scrub_text(str(exc), options)
+
+
+def _scrub_text(text: str, options: Mapping[str, Any]) -> str:
+    """``text`` without any secret from ``options`` (nested mappings included,
+    e.g. ``client_kwargs={"aws_secret_access_key": ...}``) in it."""
     for name, value in options.items():
-        if (
+        if isinstance(value, Mapping):
+            text = _scrub_text(text, value)
+        elif (
             isinstance(value, str)
             and value
-            and any(word in name.lower() for word in ("secret", "token", "password", "key"))
+            and any(word in str(name).lower() for word in ("secret", "token", "password", "key"))
         ):
             text = text.replace(value, "***")
     return text
@@ -672,6 +1014,35 @@ class _HashingWriter:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+
+def _find_local(base: str) -> dict[str, dict[str, Any]]:
+    """Every file under ``base`` with its size and mtime, as ``fs.find(detail=True)``.
+
+    Other processes evict and publish while this walks: a file or directory
+    that vanishes between listing and ``stat`` is skipped (fsspec's ``find``
+    would fail the whole listing, and an empty answer would hide every entry
+    from the eviction that asked).
+    """
+    found: dict[str, dict[str, Any]] = {}
+    pending = [base]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                items = list(listing)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for item in items:
+            try:
+                if item.is_dir(follow_symlinks=False):
+                    pending.append(item.path)
+                    continue
+                stat = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            found[item.path] = {"size": stat.st_size, "mtime": stat.st_mtime}
+    return found
 
 
 def _mtime(info: Mapping[str, Any]) -> float:

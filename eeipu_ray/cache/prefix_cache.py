@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from eeipu_ray.cache.codecs import Codec, CodecRegistry, Encoded
-from eeipu_ray.cache.fs_store import FsStore, StoredEntry, redact_url
+from eeipu_ray.cache.fs_store import (
+    DEFAULT_UNREACHABLE_COOLDOWN,
+    FsStore,
+    StoredEntry,
+    redact_url,
+)
 from eeipu_ray.cache.manifest import (
     EntryMeta,
     FileRecord,
@@ -90,8 +95,25 @@ class PrefixCache:
         allow_pickle: Store values no codec knows with pickle, and read pickled
             entries. Only for caches whose writers you all trust.
         codecs: Extra codecs, tried before the built-in ones.
-        storage_options: fsspec options for ``url`` (never logged or shown).
+        storage_options: fsspec options for ``url`` (never logged or shown). For
+            ``s3://``, ``retries`` (s3fs attempts per call, default 2) and
+            ``config_kwargs`` (botocore ``retries`` -- default
+            ``{"mode": "standard", "max_attempts": 2}``, i.e. 3 attempts with
+            exponential backoff -- ``connect_timeout`` 5 s, ``read_timeout``
+            15 s) bound how long a call waits on a failing endpoint.
         touch_interval: Seconds between "last used" updates of one entry.
+        unreachable_cooldown: After a remote durable layer was found
+            unreachable, seconds during which its calls fail at once with
+            :class:`~eeipu_ray.cache.errors.CacheUnreachableError` instead of
+            waiting out the retries again (a trial then pays the timeouts once,
+            not once per stage); ``0`` asks the store every time.
+
+    Failures of the storage: every method raises the cache's own errors
+    (:mod:`eeipu_ray.cache.errors`), never the storage library's:
+    ``CacheUnreachableError`` when the store does not answer within the bounded
+    retries, ``CacheStorageError`` for other refusals (a full disk, no
+    permission, a missing bucket), ``CacheConfigError`` for a bad URL or
+    option. A failed write leaves no visible entry.
 
     Example:
         >>> cache = PrefixCache("/tmp/eeipu-cache", byte_budget=10 * 2**30)
@@ -109,6 +131,7 @@ class PrefixCache:
         codecs: Sequence[Codec] = (),
         storage_options: Mapping[str, Any] | None = None,
         touch_interval: float = 30.0,
+        unreachable_cooldown: float = DEFAULT_UNREACHABLE_COOLDOWN,
     ) -> None:
         if url is None and object_store is None:
             url = default_cache_dir()
@@ -135,6 +158,16 @@ class PrefixCache:
             raise CacheConfigError(
                 f"touch_interval must be a finite number of seconds >= 0, got {touch_interval!r}"
             )
+        if (
+            isinstance(unreachable_cooldown, bool)
+            or not isinstance(unreachable_cooldown, int | float)
+            or not unreachable_cooldown >= 0
+            or math.isinf(unreachable_cooldown)
+        ):
+            raise CacheConfigError(
+                "unreachable_cooldown must be a finite number of seconds >= 0, got "
+                f"{unreachable_cooldown!r}"
+            )
         if url is not None:
             url = os.fspath(url)
             if not url:
@@ -152,7 +185,11 @@ class PrefixCache:
         self.touch_interval = touch_interval
         self.codecs = CodecRegistry(codecs, allow_pickle=allow_pickle)
         # FsStore checks the URL's scheme now: a typo fails here, not in a trial.
-        self._durable = FsStore(self.url, storage_options) if self.url is not None else None
+        self._durable = (
+            FsStore(self.url, storage_options, unreachable_cooldown=unreachable_cooldown)
+            if self.url is not None
+            else None
+        )
         self._l1: Any = None
         self._touched: dict[str, float] = {}
 
@@ -199,6 +236,12 @@ class PrefixCache:
             key: A prefix key.
             workdir: Local directory where codecs that restore files (``Path``
                 values) put them; a temporary directory by default.
+
+        Raises:
+            CacheUnreachableError: the durable layer did not answer (names the
+                URL and the key); the entry may well exist. The memoized runner
+                treats this as a miss and computes the stage.
+            CacheStorageError: the durable layer refused the read otherwise.
         """
         check_key(key)
         start = time.perf_counter()
@@ -233,21 +276,13 @@ class PrefixCache:
     def _read_durable(self, key: str) -> tuple[Manifest, dict[str, Any], bytes] | None:
         """The durable entry's checked manifest, its parts (not yet verified) and
         the manifest's bytes; ``None`` on a miss (a broken manifest or a partial
-        entry is dropped first)."""
+        entry is dropped first). A storage that fails raises (``CacheStorageError``):
+        "could not read" is not "not there"."""
         assert self._durable is not None
         # A second attempt only when the manifest changed under us: a racing
         # writer replaced it, or the entry was deleted (evicted) while we read.
         for _attempt in range(2):
-            try:
-                raw = self._durable.read_manifest(key)
-            except OSError as exc:
-                logger.warning(
-                    "prefix cache: cannot read the manifest of entry %s (%s); "
-                    "treating it as a miss",
-                    key[:12],
-                    exc,
-                )
-                return None
+            raw = self._durable.read_manifest(key)
             if raw is None:
                 return None
             try:
@@ -262,22 +297,13 @@ class PrefixCache:
                         key, manifest.data_dir, record.name
                     )
             except FileNotFoundError:
-                with contextlib.suppress(OSError):
-                    if self._durable.read_manifest(key) != raw:
-                        continue
+                if self._durable.read_manifest(key) != raw:
+                    continue
                 self._drop(
                     key,
                     manifest.stage,
                     f"partial entry: data file {record.name!r} is missing",
                     raw=raw,
-                )
-                return None
-            except OSError as exc:
-                logger.warning(
-                    "prefix cache: cannot read entry %s (stage %r): %s; treating it as a miss",
-                    key[:12],
-                    manifest.stage,
-                    exc,
                 )
                 return None
             return manifest, parts, raw
@@ -427,8 +453,9 @@ class PrefixCache:
             CodecError: naming the stage when no codec can store the value.
             CacheIntegrityError: when ``meta`` does not produce ``key`` (or would
                 not read back as it).
-            CacheStorageError: (``fs_store``; also an ``OSError``) when the
-                backend refuses the write: nothing of this write stays visible.
+            CacheStorageError: (also an ``OSError``) when the backend refuses
+                the write (``CacheUnreachableError``: it does not answer): nothing
+                of this write is visible as an entry.
         """
         check_key(key)
         start = time.perf_counter()
@@ -469,7 +496,10 @@ class PrefixCache:
         files: tuple[FileRecord, ...] = ()
         if self._durable is not None:
             published, _, files = self._durable.publish(
-                key, parts, lambda d, fs: manifest_for(d, fs).to_json()
+                key,
+                parts,
+                lambda d, fs: manifest_for(d, fs).to_json(),
+                stage=meta.stage_names[-1],
             )
         if flat is not None:
             if not files:

@@ -336,7 +336,7 @@ def test_race_loser_removes_its_data(backend: Backend, monkeypatch: pytest.Monke
     assert first.store(key, value_for(), meta).published
     manifest_before = backend.fs.cat_file(f"{backend.entry(key)}/manifest.json")
     # The second writer checked for the entry just before the first published it.
-    monkeypatch.setattr(FsStore, "exists", lambda self, key: False)
+    monkeypatch.setattr(FsStore, "_has_manifest", lambda self, key: False)
     assert not second.store(key, value_for(), meta).published
     monkeypatch.undo()
     assert backend.fs.cat_file(f"{backend.entry(key)}/manifest.json") == manifest_before

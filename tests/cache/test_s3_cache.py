@@ -17,7 +17,7 @@ import pytest
 
 from eeipu_ray.cache import PrefixCache
 from eeipu_ray.cache.fs_store import CacheStorageError, FsStore
-from eeipu_ray.errors import CacheError
+from eeipu_ray.errors import CacheConfigError, CacheError
 from tests.cache.test_prefix_cache import entry_for, value_for
 
 SECRET = "testing-secret-key"  # the s3_server fixture's secret
@@ -115,9 +115,11 @@ def test_secret_never_shown_or_logged(
     assert all(SECRET not in m for m in messages)
     assert SECRET not in caplog.text
 
-    # Credentials written into the URL itself are masked too.
-    with_creds = PrefixCache(f"s3://AKIAEXAMPLE:{SECRET}@bucket/p")
-    assert SECRET not in repr(with_creds) and SECRET not in str(with_creds)
+    # Credentials written into the URL itself are refused (s3fs would take them
+    # for the bucket name), and the refusal masks them.
+    with pytest.raises(CacheConfigError, match="credentials") as refused:
+        PrefixCache(f"s3://AKIAEXAMPLE:{SECRET}@bucket/p")
+    assert SECRET not in str(refused.value) and "AKIAEXAMPLE" not in str(refused.value)
 
 
 def test_missing_bucket_fails_store_clearly(s3_server: dict[str, Any]) -> None:
@@ -182,7 +184,7 @@ def test_store_without_conditional_puts_falls_back(
     assert any("conditional PUT" in r.getMessage() for r in caplog.records)
     # A racing writer that missed the first manifest: last writer wins, and the
     # first writer's data is left unreferenced until gc().
-    monkeypatch.setattr(FsStore, "exists", lambda self, key: False)
+    monkeypatch.setattr(FsStore, "_has_manifest", lambda self, key: False)
     assert second.store(key, value_for(), meta).published
     monkeypatch.undo()
     assert first.load(key) is not None
