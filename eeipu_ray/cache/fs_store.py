@@ -215,8 +215,8 @@ class FsStore:
                 f"{type(storage_options).__name__}"
             )
         self.storage_options = dict(storage_options or {})
-        self.protocol = _check_protocol(self.url)
         _check_url(self.url)
+        self.protocol = _check_protocol(self.url)
         self.unreachable_cooldown = float(unreachable_cooldown)
         self._fs: Any = None
         self._root: str | None = None
@@ -224,10 +224,14 @@ class FsStore:
         self._conditional_put: bool | None = None  # learned on the first publish
         self._down_until = 0.0  # monotonic time until which remote calls fail at once
         self._down_reason = ""
+        # Credentials in storage_options never travel in a pickle (Tune writes the
+        # trainable and the searcher, which hold the cache, to tuner.pkl): a
+        # pickle carries this reference; see _Credentials.
+        self._credentials_ref: str | None = None
 
     # fsspec filesystems hold clients and sockets; rebuild them after unpickling.
     def __getstate__(self) -> dict[str, Any]:
-        return {
+        state = {
             **self.__dict__,
             "_fs": None,
             "_root": None,
@@ -235,6 +239,34 @@ class FsStore:
             "_down_until": 0.0,
             "_down_reason": "",
         }
+        public, secret = _split_secrets(self.storage_options)
+        if secret:
+            if self._credentials_ref is None:
+                self._credentials_ref = uuid.uuid4().hex
+            _Credentials.share(self._credentials_ref, secret)
+            state["storage_options"] = public
+            state["_credentials_ref"] = self._credentials_ref
+        return state
+
+    def _options(self) -> dict[str, Any]:
+        """``storage_options`` with the credentials an unpickled copy left behind."""
+        options = dict(self.storage_options)
+        ref = self._credentials_ref
+        if ref is None or _split_secrets(options)[1]:
+            return options
+        secret = _Credentials.find(ref)
+        if secret is None:
+            logger.warning(
+                "prefix cache %r: the credentials given in its storage_options are not "
+                "available in this process (they never travel in pickles; Ray workers get "
+                "them from the cluster that ran the driver); using the environment's "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, an instance profile, ...)",
+                redact_url(self.url),
+            )
+            self._credentials_ref = None  # warned once; nothing left to carry
+            return options
+        self.storage_options = _merge_secrets(options, secret)
+        return dict(self.storage_options)
 
     def __repr__(self) -> str:  # never shows storage_options (credentials)
         return f"FsStore({redact_url(self.url)!r})"
@@ -242,7 +274,7 @@ class FsStore:
     def _open_fs(self) -> None:
         import fsspec
 
-        options = dict(self.storage_options)
+        options = self._options()
         s3_retries = None
         if self.protocol not in (None, *_LOCAL_PROTOCOLS) and "::" not in self.url:
             # Other processes write the same bucket: a cached listing would show
@@ -330,6 +362,12 @@ class FsStore:
             raise
         except passthrough:
             raise
+        except NotImplementedError as exc:  # fsspec: a read-only filesystem (http://)
+            raise CacheStorageError(
+                f"prefix cache: could not {action}{where} in {redact_url(self.url)!r}: its "
+                f"filesystem ({type(self._fs).__name__}) does not support this operation "
+                "(a read-only scheme?); give a writable location"
+            ) from exc
         except Exception as exc:
             if not _from_storage_stack(exc):
                 raise
@@ -347,7 +385,7 @@ class FsStore:
     def _translate(
         self, exc: BaseException, action: str, where: str, *, local: bool
     ) -> CacheStorageError:
-        detail = redact_url(f"{type(exc).__name__}: {_scrub(exc, self.storage_options)}")
+        detail = redact_url(f"{type(exc).__name__}: {_scrub(exc, self._options())}")
         if not local and _is_unreachable(exc):
             if self.unreachable_cooldown > 0:
                 self._down_until = time.monotonic() + self.unreachable_cooldown
@@ -358,7 +396,7 @@ class FsStore:
                 "network, or change the retries and timeouts in storage_options"
             )
         if isinstance(exc, OSError):
-            detail = redact_url(_scrub_text(_describe_os_error(exc), self.storage_options))
+            detail = redact_url(_scrub_text(_describe_os_error(exc), self._options()))
         return CacheStorageError(
             f"prefix cache: could not {action}{where} in {redact_url(self.url)!r}: {detail}"
         )
@@ -834,35 +872,47 @@ def _check_url(url: str) -> None:
     shown = redact_url(url)
     if "\x00" in url:
         raise CacheConfigError(f"cache URL {shown!r} contains a NUL character")
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CacheConfigError(
+            f"cache URL {shown!r} is not valid Unicode ({exc.reason} at position "
+            f"{exc.start}): entries' paths and manifests are UTF-8"
+        ) from None
+    if "::" in url:
+        raise CacheConfigError(
+            f"cache URL {shown!r} contains '::' (an fsspec URL chain, e.g. "
+            "'simplecache::s3://...'): the cache needs one filesystem it can publish "
+            "entries on atomically; give a directory or an s3://bucket/prefix URL"
+        )
     from fsspec.core import split_protocol
 
-    for part in url.split("::"):
-        protocol, path = split_protocol(part)
-        if protocol is None:
-            continue  # a local path: PrefixCache made it absolute (``..`` resolved)
-        if any(c in (".", "..") for c in path.split("/")):
-            raise CacheConfigError(
-                f"cache URL {shown!r} has '.' or '..' in its path; object stores do not "
-                "resolve them the way a directory would: give the path they mean"
-            )
-        if protocol not in ("s3", "s3a"):
-            continue
-        authority = path.split("/", 1)[0]
-        if "@" in authority or ("@" in path and redact_url(part) != part):
-            raise CacheConfigError(
-                f"cache URL {shown!r} has credentials in it, which s3fs does not read (it "
-                "would take them for the bucket name); pass key/secret in storage_options "
-                "or use the AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)"
-            )
-        if not authority:
-            raise CacheConfigError(
-                f"cache URL {shown!r} names no bucket; give s3://bucket or s3://bucket/prefix"
-            )
-        if not _BUCKET_RE.fullmatch(authority):
-            raise CacheConfigError(
-                f"cache URL {shown!r}: {authority!r} is not a valid S3 bucket name "
-                "(letters, digits, '.', '-' and '_'; up to 255 characters)"
-            )
+    protocol, path = split_protocol(url)
+    if protocol is None:
+        return  # a local path: PrefixCache made it absolute (``..`` resolved)
+    if any(c in (".", "..") for c in path.split("/")):
+        raise CacheConfigError(
+            f"cache URL {shown!r} has '.' or '..' in its path; object stores do not "
+            "resolve them the way a directory would: give the path they mean"
+        )
+    if protocol not in ("s3", "s3a"):
+        return
+    authority = path.split("/", 1)[0]
+    if "@" in authority or ("@" in path and redact_url(url) != url):
+        raise CacheConfigError(
+            f"cache URL {shown!r} has credentials in it, which s3fs does not read (it "
+            "would take them for the bucket name); pass key/secret in storage_options "
+            "or use the AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)"
+        )
+    if not authority:
+        raise CacheConfigError(
+            f"cache URL {shown!r} names no bucket; give s3://bucket or s3://bucket/prefix"
+        )
+    if not _BUCKET_RE.fullmatch(authority):
+        raise CacheConfigError(
+            f"cache URL {shown!r}: {authority!r} is not a valid S3 bucket name "
+            "(letters, digits, '.', '-' and '_'; up to 255 characters)"
+        )
 
 
 def _with_s3_defaults(options: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -944,6 +994,89 @@ def _describe_os_error(exc: OSError) -> str:
     return str(exc)
 
 
+def _is_secret_option(name: Any) -> bool:
+    return any(word in str(name).lower() for word in ("secret", "token", "password", "key"))
+
+
+def _split_secrets(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(public, secret)``: ``options`` without, and only, the values under
+    credential-like names (one level of nested mappings: ``client_kwargs``)."""
+    public: dict[str, Any] = {}
+    secret: dict[str, Any] = {}
+    for name, value in options.items():
+        if isinstance(value, Mapping):
+            inner_public, inner_secret = _split_secrets(value)
+            public[name] = inner_public
+            if inner_secret:
+                secret[name] = inner_secret
+        elif _is_secret_option(name) and isinstance(value, str) and value:
+            secret[name] = value
+        else:
+            public[name] = value
+    return public, secret
+
+
+def _merge_secrets(public: Mapping[str, Any], secret: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(public)
+    for name, value in secret.items():
+        if isinstance(value, Mapping):
+            merged[name] = _merge_secrets(merged.get(name) or {}, value)
+        else:
+            merged[name] = value
+    return merged
+
+
+class _Credentials:
+    """Where the credentials of pickled caches wait for their unpickled copies:
+    this process's memory, and (when this process is connected to Ray) the Ray
+    cluster's internal key-value store, which every worker of the cluster can
+    read. A pickle only names them, so neither ``tuner.pkl`` nor a searcher
+    checkpoint holds a secret; a driver restored on a new cluster passes the
+    cache again (or relies on the environment's credentials)."""
+
+    _NAMESPACE = "eeipu_ray_credentials"
+    _local: dict[str, dict[str, Any]] = {}  # process-wide on purpose
+
+    @classmethod
+    def share(cls, ref: str, secret: dict[str, Any]) -> None:
+        cls._local[ref] = secret
+        kv = cls._kv()
+        if kv is not None:
+            put, _ = kv
+            put(
+                f"{cls._NAMESPACE}/{ref}".encode(),
+                json.dumps(secret).encode(),
+                True,
+                namespace=cls._NAMESPACE,
+            )
+
+    @classmethod
+    def find(cls, ref: str) -> dict[str, Any] | None:
+        if ref in cls._local:
+            return cls._local[ref]
+        kv = cls._kv()
+        if kv is None:
+            return None
+        _, get = kv
+        raw = get(f"{cls._NAMESPACE}/{ref}".encode(), namespace=cls._NAMESPACE)
+        if raw is None:
+            return None
+        cls._local[ref] = json.loads(raw)
+        return cls._local[ref]
+
+    @staticmethod
+    def _kv() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+        if "ray" not in sys.modules:  # never import Ray for this
+            return None
+        try:
+            from ray.experimental import internal_kv
+        except ImportError:
+            return None
+        if not internal_kv._internal_kv_initialized():
+            return None
+        return internal_kv._internal_kv_put, internal_kv._internal_kv_get
+
+
 def _scrub(exc: BaseException, options: Mapping[str, Any]) -> str:
     """``str(exc)`` without any secret from ``options`` in it."""
     return _scrub_text(str(exc), options)
@@ -955,11 +1088,7 @@ def _scrub_text(text: str, options: Mapping[str, Any]) -> str:
     for name, value in options.items():
         if isinstance(value, Mapping):
             text = _scrub_text(text, value)
-        elif (
-            isinstance(value, str)
-            and value
-            and any(word in str(name).lower() for word in ("secret", "token", "password", "key"))
-        ):
+        elif isinstance(value, str) and value and _is_secret_option(name):
             text = text.replace(value, "***")
     return text
 

@@ -149,34 +149,26 @@ class PrefixCache:
                 )
         if object_store is not None and (not isinstance(object_store, str) or not object_store):
             raise CacheConfigError(f"object_store must be a non-empty name, got {object_store!r}")
-        if (
-            isinstance(touch_interval, bool)
-            or not isinstance(touch_interval, int | float)
-            or not touch_interval >= 0
-            or math.isinf(touch_interval)
+        for name, seconds in (
+            ("touch_interval", touch_interval),
+            ("unreachable_cooldown", unreachable_cooldown),
         ):
-            raise CacheConfigError(
-                f"touch_interval must be a finite number of seconds >= 0, got {touch_interval!r}"
-            )
-        if (
-            isinstance(unreachable_cooldown, bool)
-            or not isinstance(unreachable_cooldown, int | float)
-            or not unreachable_cooldown >= 0
-            or math.isinf(unreachable_cooldown)
-        ):
-            raise CacheConfigError(
-                "unreachable_cooldown must be a finite number of seconds >= 0, got "
-                f"{unreachable_cooldown!r}"
-            )
+            if not _is_seconds(seconds):
+                raise CacheConfigError(
+                    f"{name} must be a finite number of seconds >= 0, got {seconds!r}"
+                )
         if url is not None:
             url = os.fspath(url)
             if not url:
                 raise CacheConfigError(
                     "cache url is empty; give a directory or an s3://bucket/prefix URL"
                 )
+            # Ray Tune runs trials in their own working directory: pin local paths
+            # (bare or file://) to absolute ones, so every process means one place.
             if "://" not in url:
-                # Ray Tune runs trials in their own working directory: pin local paths.
                 url = os.path.abspath(os.path.expanduser(url))
+            elif url.startswith("file://") and not url[len("file://") :].startswith("/"):
+                url = "file://" + os.path.abspath(url[len("file://") :])
         self.url = url
         self.object_store = object_store
         self.byte_budget = byte_budget
@@ -693,3 +685,13 @@ def _flatten(encoded: Encoded) -> dict[str, Any]:
                 else np.empty(0, np.uint8)
             )
     return out
+
+
+def _is_seconds(value: Any) -> bool:
+    """A finite, non-negative number of seconds (an int beyond the float range is not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0
+    except OverflowError:
+        return False

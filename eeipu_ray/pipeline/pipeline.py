@@ -153,16 +153,22 @@ class Pipeline:
                 params[param] = domain
         return per_stage
 
-    def check_config(self, config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def check_config(
+        self, config: Mapping[str, Any], *, in_domain: bool = True
+    ) -> list[dict[str, Any]]:
         """:meth:`split_config`, and every value checked against its domain.
 
-        What :func:`~eeipu_ray.pipeline.runner.run_pipeline` runs. A value fits
-        its domain when it is one of a ``choice``'s categories (or a
-        ``grid_search``'s values); for ``uniform``/``loguniform``/``randint``
+        A value fits its domain when it is one of a ``choice``'s categories (or
+        a ``grid_search``'s values); for ``uniform``/``loguniform``/``randint``
         and their quantized forms, when it is a real number (an integral one for
         integer domains; not a bool or a string), finite, and within the
         domain's ``[lower, upper]`` (up to float rounding). ``sample_from`` and
-        constants take any value.
+        constants take any value. With ``in_domain=False`` only the kind of
+        value is checked (a finite number, an integer), not the bounds or the
+        categories: what :func:`~eeipu_ray.pipeline.runner.run_pipeline`
+        checks, since a Tune ``param_space`` may override a stage's declared
+        space with values of its own. The searcher needs the domain itself
+        (e.g. of its ``points_to_evaluate``).
 
         Returns:
             Each stage's hyperparameters, in stage order.
@@ -174,12 +180,12 @@ class Pipeline:
         per_stage = self.split_config(config)
         for stage, params in zip(self.stages, per_stage, strict=True):
             for key, domain in stage.space.items():
-                problem = _domain_problem(domain, params[key])
+                problem = _domain_problem(domain, params[key], in_domain=in_domain)
                 if problem is not None:
                     raise ConfigError(
                         f"config value {stage.name}/{key} = {params[key]!r:.200} of pipeline "
                         f"{self.name!r} {problem}; give a value of the domain, or widen the "
-                        "stage's space (Pipeline(space=...)) to run it"
+                        "stage's space (Pipeline(space=...))"
                     )
         return per_stage
 
@@ -248,12 +254,15 @@ def _domain_kind(value: Any) -> str | None:
     return "other"
 
 
-def _domain_problem(domain: Any, value: Any) -> str | None:
-    """Why ``value`` does not fit ``domain`` (words to follow the value), or None."""
+def _domain_problem(domain: Any, value: Any, *, in_domain: bool = True) -> str | None:
+    """Why ``value`` does not fit ``domain`` (words to follow the value), or None;
+    ``in_domain=False``: only whether it is the kind of value the domain holds."""
     kind = _domain_kind(domain)
     if kind is None or kind == "other":
         return None
     if kind in ("choice", "grid"):
+        if not in_domain:
+            return None
         options = list(domain.categories if kind == "choice" else domain["grid_search"])
         if any(_same_option(option, value) for option in options):
             return None
@@ -269,6 +278,8 @@ def _domain_problem(domain: Any, value: Any) -> str | None:
         number = math.inf
     if not math.isfinite(number):
         return "is not a finite number"
+    if not in_domain:
+        return None
     lower, upper = float(domain.lower), float(domain.upper)
     q = getattr(getattr(domain, "sampler", None), "q", None)
     # Float rounding only: Ray's own quantized samples are k * q, a bound times (1 + eps).

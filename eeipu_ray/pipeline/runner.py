@@ -295,13 +295,16 @@ def run_pipeline(
 
     Raises:
         ConfigError: the config does not fit the search space: a missing or unknown
-            key, or a value outside its domain (see :meth:`Pipeline.check_config`).
+            key, or a value of the wrong kind (not a finite number, not an
+            integer; see :meth:`Pipeline.check_config`). Values outside a stage's
+            declared bounds or categories run (a Tune ``param_space`` may
+            override the declared space).
         StageExecutionError: a stage raised (the original exception is chained).
         CodecError: a stage returned a value no codec can store (names the stage).
     """
     from eeipu_ray.energy import NoMeter, auto_meter, visible_gpu_ids
 
-    per_stage = pipeline.check_config(config)
+    per_stage = pipeline.check_config(config, in_domain=False)
     keys = pipeline._keys(per_stage)
     if meter == "auto":
         gpu_ids = visible_gpu_ids() if device.startswith("cuda") else []

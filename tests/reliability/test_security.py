@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import pickle
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -352,18 +355,13 @@ def test_s3_credentials_appear_in_no_log_result_report_or_checkpoint(
     assert (session / "logs").is_dir()
     assert _leaks(session / "logs") == []
 
-    # Everything Tune wrote under its storage path (results, trial dirs, the
-    # experiment state and the searcher checkpoint Tune keeps) but tuner.pkl,
-    # Tune's pickle of the trainable: see the xfail test below.
-    leaks = _leaks(storage)
-    assert [f for f in leaks if not f.startswith(str(experiment_dir / "tuner.pkl"))] == []
+    # Everything Tune wrote under its storage path: results, trial dirs, the
+    # experiment state, the searcher checkpoint Tune keeps, and tuner.pkl (its
+    # pickle of the trainable and the searcher, which both hold the cache).
+    assert (experiment_dir / "tuner.pkl").is_file()
+    assert _leaks(storage) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cache: a pickled PrefixCache (and so the trainable Tune writes to tuner.pkl) "
-    "carries storage_options, credentials included",
-)
 def test_the_pickled_trainable_carries_no_credentials(
     secret_bucket: tuple[str, dict[str, Any]],
 ) -> None:
@@ -378,6 +376,65 @@ def test_the_pickled_trainable_carries_no_credentials(
     searcher = EEIPUSearcher(pipeline, metric="score", mode="max", cache=cache)
     for shipped in (cloudpickle.dumps(trainable), cloudpickle.dumps(searcher)):
         assert [s for s in SECRETS if s in shipped] == []
+    # In this process an unpickled copy finds them again (Tune deep-copies).
+    unpickled = pickle.loads(pickle.dumps(cache))
+    assert unpickled.durable._options()["secret"] == SECRET_KEY
+
+
+@pytest.mark.slow
+def test_credentials_reach_ray_workers_without_a_pickle(
+    ray_local: Any, secret_bucket: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """A cache pickled on the driver stores and loads from a Ray worker with the
+    credentials it was given (from the cluster's internal key-value store); a
+    process outside the cluster gets no secret from the pickle, and says so."""
+    bucket, options = secret_bucket
+    cache = PrefixCache(f"{bucket}/workers", storage_options=options)
+    shipped = pickle.dumps(cache)
+    assert [s for s in SECRETS if s in shipped] == []
+
+    @ray_local.remote(num_cpus=0)
+    def store_in_a_worker(blob: bytes) -> tuple[bool, int]:
+        remote = pickle.loads(blob)
+        key, meta = _one_entry()
+        remote.store(key, np.arange(4.0), meta)
+        return remote.durable._options().get("secret") == SECRET_KEY, os.getpid()
+
+    has_secret, pid = ray_local.get(store_in_a_worker.remote(shipped))
+    assert has_secret and pid != os.getpid()
+    key, _ = _one_entry()
+    cache.verify(key)  # the worker's write, with its credentials, reached the bucket
+
+    # Outside the cluster (a fresh Python, no Ray): no secret, a warning naming the cache.
+    blob = tmp_path / "cache.pkl"
+    blob.write_bytes(shipped)
+    probe = (
+        "import logging, pickle, sys; logging.basicConfig(level=logging.WARNING);"
+        f"c = pickle.loads(open({str(blob)!r}, 'rb').read());"
+        "o = c.durable._options(); sys.exit(3 if 'secret' in o else 0)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "not available in this process" in done.stderr and bucket in done.stderr
+    assert SECRET_KEY not in done.stderr
+
+
+def _one_entry() -> tuple[str, Any]:
+    meta = EntryMeta(
+        pipeline="sec",
+        stage_names=["prep"],
+        stage_versions=["1"],
+        params=[{"n": 1}],
+        compute_seconds=[1.0],
+    )
+    return meta.expected_key(), meta
 
 
 # ============================================================ cluster configs
