@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import threading
 import time
 import uuid
@@ -203,7 +205,7 @@ def _slow_pipeline(name: str, marker_dir: Path, record_dir: Path, sleep_s: float
         node = ray.get_runtime_context().get_node_id()
         trial = tune.get_context().get_trial_id()
         marker_dir.mkdir(parents=True, exist_ok=True)
-        (marker_dir / f"{node}.{trial}.{uuid.uuid4().hex[:6]}").touch()
+        (marker_dir / f"{node}.{trial}.{os.getpid()}.{uuid.uuid4().hex[:6]}").touch()
         time.sleep(sleep_s)
         return fit.fn(previous, params)
 
@@ -245,8 +247,12 @@ def test_a_worker_node_killed_mid_sweep(
             if len(markers) >= 3 and fresh:  # mid-sweep, inside a stage there
                 newest = max(fresh, key=lambda m: m.stat().st_mtime_ns)
                 time.sleep(sleep_s / 3)
-                killed["trial"] = newest.name.split(".")[1]
+                _, killed["trial"], pid, _ = newest.name.split(".")
                 killed["at"] = time.monotonic()
+                # A node dies with all its processes at once. Removing the node
+                # kills its raylet; its workers notice only later, and one could
+                # still finish the stage and report: kill the trial's worker too.
+                os.kill(int(pid), signal.SIGKILL)
                 cluster.remove_node(victim, allow_graceful=False)
                 return
             time.sleep(0.05)
