@@ -215,8 +215,7 @@ class FsStore:
                 f"{type(storage_options).__name__}"
             )
         self.storage_options = dict(storage_options or {})
-        _check_url(self.url)
-        self.protocol = _check_protocol(self.url)
+        self.protocol = _check_url(self.url)
         self.unreachable_cooldown = float(unreachable_cooldown)
         self._fs: Any = None
         self._root: str | None = None
@@ -276,7 +275,7 @@ class FsStore:
 
         options = self._options()
         s3_retries = None
-        if self.protocol not in (None, *_LOCAL_PROTOCOLS) and "::" not in self.url:
+        if self.protocol not in (None, *_LOCAL_PROTOCOLS):
             # Other processes write the same bucket: a cached listing would show
             # entries they removed and hide entries they added.
             options.setdefault("use_listings_cache", False)
@@ -385,7 +384,8 @@ class FsStore:
     def _translate(
         self, exc: BaseException, action: str, where: str, *, local: bool
     ) -> CacheStorageError:
-        detail = redact_url(f"{type(exc).__name__}: {_scrub(exc, self._options())}")
+        options = self._options()
+        detail = redact_url(f"{type(exc).__name__}: {_scrub(exc, options)}")
         if not local and _is_unreachable(exc):
             if self.unreachable_cooldown > 0:
                 self._down_until = time.monotonic() + self.unreachable_cooldown
@@ -396,7 +396,7 @@ class FsStore:
                 "network, or change the retries and timeouts in storage_options"
             )
         if isinstance(exc, OSError):
-            detail = redact_url(_scrub_text(_describe_os_error(exc), self._options()))
+            detail = redact_url(_scrub_text(_describe_os_error(exc), options))
         return CacheStorageError(
             f"prefix cache: could not {action}{where} in {redact_url(self.url)!r}: {detail}"
         )
@@ -840,35 +840,10 @@ class FsStore:
             self._rm_quiet(path, recursive=True)
 
 
-def _check_protocol(url: str) -> str | None:
-    """The URL's scheme, checked now so a typo fails at construction, not in a trial."""
-    import fsspec
-    from fsspec.core import split_protocol
-
-    first: str | None = None
-    for i, part in enumerate(url.split("::")):
-        protocol, _ = split_protocol(part)
-        if i == 0:
-            first = protocol
-        if protocol is None:
-            continue
-        try:
-            fsspec.get_filesystem_class(protocol)
-        except ValueError:
-            raise CacheConfigError(
-                f"cache URL {redact_url(url)!r} has an unknown scheme {protocol!r}; give a "
-                "local directory, file://..., s3://bucket/prefix, or another fsspec URL"
-            ) from None
-        except ImportError as exc:
-            raise CacheConfigError(
-                f"cache URL {redact_url(url)!r} needs the filesystem package for "
-                f"{protocol!r}, which is not installed ({exc})"
-            ) from None
-    return first
-
-
-def _check_url(url: str) -> None:
-    """Refuse URLs that would put entries somewhere else than they say."""
+def _check_url(url: str) -> str | None:
+    """The URL's scheme (``None`` for a local path), checked now so a typo fails
+    at construction, not in a trial; and refuse URLs that would put entries
+    somewhere else than they say."""
     shown = redact_url(url)
     if "\x00" in url:
         raise CacheConfigError(f"cache URL {shown!r} contains a NUL character")
@@ -885,18 +860,31 @@ def _check_url(url: str) -> None:
             "'simplecache::s3://...'): the cache needs one filesystem it can publish "
             "entries on atomically; give a directory or an s3://bucket/prefix URL"
         )
+    import fsspec
     from fsspec.core import split_protocol
 
     protocol, path = split_protocol(url)
     if protocol is None:
-        return  # a local path: PrefixCache made it absolute (``..`` resolved)
+        return None  # a local path: PrefixCache made it absolute (``..`` resolved)
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise CacheConfigError(
+            f"cache URL {shown!r} has an unknown scheme {protocol!r}; give a "
+            "local directory, file://..., s3://bucket/prefix, or another fsspec URL"
+        ) from None
+    except ImportError as exc:
+        raise CacheConfigError(
+            f"cache URL {shown!r} needs the filesystem package for "
+            f"{protocol!r}, which is not installed ({exc})"
+        ) from None
     if any(c in (".", "..") for c in path.split("/")):
         raise CacheConfigError(
             f"cache URL {shown!r} has '.' or '..' in its path; object stores do not "
             "resolve them the way a directory would: give the path they mean"
         )
     if protocol not in ("s3", "s3a"):
-        return
+        return protocol
     authority = path.split("/", 1)[0]
     if "@" in authority or ("@" in path and redact_url(url) != url):
         raise CacheConfigError(
@@ -913,6 +901,7 @@ def _check_url(url: str) -> None:
             f"cache URL {shown!r}: {authority!r} is not a valid S3 bucket name "
             "(letters, digits, '.', '-' and '_'; up to 255 characters)"
         )
+    return protocol
 
 
 def _with_s3_defaults(options: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -1036,19 +1025,24 @@ class _Credentials:
 
     _NAMESPACE = "eeipu_ray_credentials"
     _local: dict[str, dict[str, Any]] = {}  # process-wide on purpose
+    _in_ray: set[tuple[str, str]] = set()  # (ref, Ray job) this process put into the KV
 
     @classmethod
     def share(cls, ref: str, secret: dict[str, Any]) -> None:
         cls._local[ref] = secret
         kv = cls._kv()
-        if kv is not None:
-            put, _ = kv
-            put(
-                f"{cls._NAMESPACE}/{ref}".encode(),
-                json.dumps(secret).encode(),
-                True,
-                namespace=cls._NAMESPACE,
-            )
+        if kv is None:
+            return
+        put, _, job = kv
+        if (ref, job) in cls._in_ray:  # a cache is pickled for every task that takes it
+            return
+        put(
+            f"{cls._NAMESPACE}/{ref}".encode(),
+            json.dumps(secret).encode(),
+            True,
+            namespace=cls._NAMESPACE,
+        )
+        cls._in_ray.add((ref, job))
 
     @classmethod
     def find(cls, ref: str) -> dict[str, Any] | None:
@@ -1057,7 +1051,7 @@ class _Credentials:
         kv = cls._kv()
         if kv is None:
             return None
-        _, get = kv
+        _, get, _ = kv
         raw = get(f"{cls._NAMESPACE}/{ref}".encode(), namespace=cls._NAMESPACE)
         if raw is None:
             return None
@@ -1065,16 +1059,20 @@ class _Credentials:
         return cls._local[ref]
 
     @staticmethod
-    def _kv() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    def _kv() -> tuple[Callable[..., Any], Callable[..., Any], str] | None:
+        """Ray's internal KV put and get, and the Ray job (a new connection to a
+        cluster, maybe a new cluster, is a new job); ``None`` without Ray."""
         if "ray" not in sys.modules:  # never import Ray for this
             return None
         try:
+            import ray
             from ray.experimental import internal_kv
         except ImportError:
             return None
         if not internal_kv._internal_kv_initialized():
             return None
-        return internal_kv._internal_kv_put, internal_kv._internal_kv_get
+        job = ray.get_runtime_context().get_job_id()
+        return internal_kv._internal_kv_put, internal_kv._internal_kv_get, job
 
 
 def _scrub(exc: BaseException, options: Mapping[str, Any]) -> str:

@@ -243,11 +243,11 @@ class Pipeline:
 def _domain_kind(value: Any) -> str | None:
     """``"grid"``, ``"choice"``, ``"float"``, ``"int"``, ``"other"`` (a domain this
     module does not check, e.g. ``sample_from``) or ``None`` for a constant."""
-    if isinstance(value, Mapping) and set(value) == {"grid_search"}:
-        return "grid"
-    names = [cls.__name__ for cls in type(value).__mro__]
-    if "Domain" not in names:
+    if not _is_domain(value):
         return None
+    if isinstance(value, Mapping):
+        return "grid"
+    names = {cls.__name__ for cls in type(value).__mro__}
     for name, kind in (("Categorical", "choice"), ("Integer", "int"), ("Float", "float")):
         if name in names:
             return kind

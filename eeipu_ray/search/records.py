@@ -438,7 +438,6 @@ def _finite_nonneg(value: Any) -> float | None:
 
 def cost_sum(values: Iterable[float]) -> float:
     """``math.fsum`` of non-negative costs; ``inf`` where the sum overflows a float."""
-    values = list(values)
     try:
         return float(math.fsum(values))
     except OverflowError:  # finite costs near the float maximum: the sum is +inf

@@ -194,7 +194,8 @@ class EEIPUSearcher(Searcher):
 
     # ------------------------------------------------------------ set-up
     def _check_points(self, pipeline: Pipeline) -> None:
-        """Refuse a point the pipeline would refuse in its trial, now, naming it.
+        """Refuse, now and naming it, a point outside the pipeline's declared space
+        (its trial would run it, but the searcher encodes observations in that space).
 
         Raises:
             ConfigError: ``points_to_evaluate[i]`` does not fit the pipeline's space.

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from ray import tune
 
 from eeipu_ray import Pipeline, Stage
-from eeipu_ray.cache import EntryMeta, PrefixCache
+from eeipu_ray.cache import PrefixCache
 from eeipu_ray.errors import (
     CacheConfigError,
     CacheError,
@@ -55,6 +55,7 @@ from eeipu_ray.search import (
     TrialStatus,
 )
 from eeipu_ray.tune.searcher import EEIPUSearcher, SearcherOptionsError
+from tests.cache.test_prefix_cache import entry_for
 
 # The suite draws the same examples on every run (derandomize): CI is
 # reproducible. EEIPU_HYPOTHESIS_EXAMPLES=N explores N random examples a test.
@@ -710,17 +711,6 @@ def test_cache_time_options_beyond_the_float_range_are_refused(tmp_path: Path, o
         PrefixCache(tmp_path / "cache", **{option: 10**400})
 
 
-def _entry() -> tuple[str, EntryMeta]:
-    meta = EntryMeta(
-        pipeline="toy",
-        stage_names=["prep"],
-        stage_versions=["1"],
-        params=[{"n": 1}],
-        compute_seconds=[1.0],
-    )
-    return meta.expected_key(), meta
-
-
 @PROFILE
 @given(rest=st.text(st.characters(blacklist_characters="/\\"), min_size=1, max_size=12))
 def test_relative_local_urls_store_and_load_inside_the_working_directory(
@@ -731,7 +721,7 @@ def test_relative_local_urls_store_and_load_inside_the_working_directory(
     assume(rest not in (".", "..") and "\x00" not in rest)
     work = Path(tempfile.mkdtemp(prefix="w", dir=tmp_path))
     monkeypatch.chdir(work)
-    key, meta = _entry()
+    key, meta = entry_for()
     try:
         cache = PrefixCache(rest)
         cache.store(key, np.arange(3.0), meta)
@@ -754,7 +744,7 @@ def test_s3_urls_on_a_real_server_work_or_raise_cache_errors(
     """Hostile bucket and prefix names against the loopback S3 API: refused at
     construction, or a CacheError on use (no such bucket), never a botocore or
     fsspec exception."""
-    key, meta = _entry()
+    key, meta = entry_for()
     options = {**s3_server["storage_options"], "retries": 1}
     try:
         cache = PrefixCache(f"s3://{bucket}/{prefix}", storage_options=options)
@@ -768,7 +758,7 @@ def test_s3_urls_on_a_real_server_work_or_raise_cache_errors(
 
 
 def test_read_only_scheme_store_is_a_cache_error() -> None:
-    key, meta = _entry()
+    key, meta = entry_for()
     cache = PrefixCache("http://127.0.0.1:1/cache", unreachable_cooldown=0)
     with pytest.raises(CacheStorageError, match="does not support"):
         cache.store(key, np.arange(3.0), meta)
@@ -789,7 +779,7 @@ def test_relative_file_url_means_one_directory_in_every_process(
     driver_cache = PrefixCache("file://cache")
     shipped = pickle.dumps(driver_cache)  # what Tune sends to a trial
     monkeypatch.chdir(tmp_path / "trial")  # Tune runs a trial in its own directory
-    key, meta = _entry()
+    key, meta = entry_for()
     pickle.loads(shipped).store(key, np.arange(3.0), meta)
     monkeypatch.chdir(tmp_path / "driver")
     assert driver_cache.contains(key)

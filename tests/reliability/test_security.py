@@ -41,6 +41,7 @@ from eeipu_ray.cache import EntryMeta, PrefixCache
 from eeipu_ray.errors import CacheIntegrityError, CodecError, EEIPUError
 from eeipu_ray.search import EngineOptions
 from eeipu_ray.tune.searcher import EEIPUSearcher
+from tests.cache.test_prefix_cache import entry_for
 from tests.tune.toy_pipeline import make_pipeline, tune_run_config, unique_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -397,13 +398,13 @@ def test_credentials_reach_ray_workers_without_a_pickle(
     @ray_local.remote(num_cpus=0)
     def store_in_a_worker(blob: bytes) -> tuple[bool, int]:
         remote = pickle.loads(blob)
-        key, meta = _one_entry()
+        key, meta = entry_for()
         remote.store(key, np.arange(4.0), meta)
         return remote.durable._options().get("secret") == SECRET_KEY, os.getpid()
 
     has_secret, pid = ray_local.get(store_in_a_worker.remote(shipped))
     assert has_secret and pid != os.getpid()
-    key, _ = _one_entry()
+    key, _ = entry_for()
     cache.verify(key)  # the worker's write, with its credentials, reached the bucket
 
     # Outside the cluster (a fresh Python, no Ray): no secret, a warning naming the cache.
@@ -425,17 +426,6 @@ def test_credentials_reach_ray_workers_without_a_pickle(
     assert done.returncode == 0, done.stderr
     assert "not available in this process" in done.stderr and bucket in done.stderr
     assert SECRET_KEY not in done.stderr
-
-
-def _one_entry() -> tuple[str, Any]:
-    meta = EntryMeta(
-        pipeline="sec",
-        stage_names=["prep"],
-        stage_versions=["1"],
-        params=[{"n": 1}],
-        compute_seconds=[1.0],
-    )
-    return meta.expected_key(), meta
 
 
 # ============================================================ cluster configs

@@ -108,10 +108,10 @@ def _trainable(pipeline: Pipeline, cache: PrefixCache, flags: Path, entry_dir: s
     return run
 
 
-def _fit(trainable: Any, storage: Path) -> Any:
+def _fit(trainable: Any, storage: Path, config: Mapping[str, Any] = CONFIG) -> Any:
     return tune.Tuner(
         trainable,
-        param_space=CONFIG,
+        param_space=dict(config),
         tune_config=tune.TuneConfig(metric="score", mode="max"),
         run_config=tune.RunConfig(
             name=f"kill-{uuid.uuid4().hex[:6]}",
@@ -184,17 +184,7 @@ def test_sigkill_during_a_cache_read(ray_local: Any, tmp_path: Path) -> None:
 
     # 2. A trial that loads `big` is killed while reading it; its retry loads it.
     (flags / "kill-in-read").touch()
-    grid = tune.Tuner(
-        trainable,
-        param_space=config,
-        tune_config=tune.TuneConfig(metric="score", mode="max"),
-        run_config=tune.RunConfig(
-            name=f"kill-read-{uuid.uuid4().hex[:6]}",
-            storage_path=str(tmp_path / "tune"),
-            verbose=0,
-            failure_config=tune.FailureConfig(max_failures=1),
-        ),
-    ).fit()
+    grid = _fit(trainable, tmp_path / "tune", config)
     assert (flags / "killed-in-read").exists(), "the reader was never killed"
     assert not grid.errors, grid.errors
     (result,) = [dict(r.metrics) for r in grid]
