@@ -112,6 +112,9 @@ def record(args: argparse.Namespace) -> int:
     with partial.open("w") as fh:
         fh.write(json.dumps({"meta": meta}) + "\n")
         for i in range(args.configs):
+            if args.max_seconds is not None and time.perf_counter() - started > args.max_seconds:
+                print(f"--max-seconds {args.max_seconds:g} reached after {i} configurations")
+                break
             config = sample_config(pipeline.search_space, rng)
             reports: list[dict[str, Any]] = []
 
@@ -636,6 +639,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:0 (NVML joules)")
     rec.add_argument("--threads", type=int, default=1, help="torch threads (a trial's CPUs)")
+    rec.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="start no configuration after this long (the file is complete either way)",
+    )
     rec.add_argument("--n-samples", type=int, default=None)
     rec.add_argument("--image-size", type=int, default=16)
     rec.add_argument("--max-epochs", type=int, default=8)

@@ -157,3 +157,13 @@ def test_bad_trace_files_are_refused_with_the_file_named(tmp_path):
     bad.write_text(json.dumps({"meta": {}}) + "\n")
     with pytest.raises(SystemExit, match="no traces"):
         bench.load_traces(bad)
+
+
+def test_record_stops_starting_configurations_after_max_seconds(tmp_path):
+    traces = tmp_path / "none.jsonl"
+    args = ["record", "--configs", "3", "--n-samples", "200", "--image-size", "8"]
+    assert bench.main([*args, "--max-seconds", "0", "--out", str(traces)]) == 0
+    lines = traces.read_text().splitlines()
+    assert len(lines) == 1 and "meta" in json.loads(lines[0])  # complete, and empty
+    with pytest.raises(SystemExit, match="no traces"):
+        bench.load_traces(traces)
