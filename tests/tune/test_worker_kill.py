@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,21 +73,29 @@ def _pipeline(name: str, flags: Path, attempts: Path) -> Pipeline:
     )
 
 
-def _kill_while_reading(entry_dir: str, killed: Path, timeout_s: float = 120.0) -> None:
-    """SIGKILL this process as soon as a data file of ``entry_dir`` is mapped
-    into it: the local store memory-maps an entry's files to verify their
-    checksums and decode them, so that is the cache read in progress."""
+def _kill_while_reading(entry_dir: str, killed: Path) -> None:
+    """SIGKILL this process in the middle of reading an entry under ``entry_dir``:
+    its data file is memory-mapped (checked in ``/proc/self/maps``) and has just
+    been checksummed by the cache's own verification, and the entry is not yet
+    decoded or handed to the next stage.
 
-    def watch() -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with open("/proc/self/maps") as fh:
-                if entry_dir in fh.read():
-                    killed.touch()
-                    os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(0.0005)
+    The kill comes from inside the read path, not from a thread polling the
+    maps: under load such a thread could get the GIL only after the read had
+    finished and the next stage had run, and the kill would no longer be
+    during the read."""
+    import eeipu_ray.cache.prefix_cache as prefix_cache
 
-    threading.Thread(target=watch, daemon=True, name="kill-during-read").start()
+    checksum = prefix_cache.verify_part
+
+    def verify_then_die(record: Any, blob: Any) -> None:
+        checksum(record, blob)
+        with open("/proc/self/maps") as fh:
+            mapped = entry_dir in fh.read()
+        if mapped:
+            killed.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    prefix_cache.verify_part = verify_then_die
 
 
 def _trainable(pipeline: Pipeline, cache: PrefixCache, flags: Path, entry_dir: str) -> Any:
