@@ -61,6 +61,10 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from energy import quantile  # the same quantile as energy.py's targets
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TRACES = RESULTS / "energy_traces"  # one file per recording seed: seed<N>.jsonl
 CPU_KEY = "total_cpu_seconds"
@@ -328,13 +332,12 @@ def relation(traces: list[dict[str, Any]], key: str) -> dict[str, Any]:
     rate = [t["reports"][-1][key] / t["reports"][-1]["epoch"] for t in traces]
     final = [t["final"]["score"] for t in traces]
     learners = [i for i, f in enumerate(final) if f >= 0.5]
-    ordered = sorted(rate)
     return {
         "configs": len(traces),
         "energy_per_epoch_p10_p50_p90": [
-            _quantile(ordered, 0.1),
-            _quantile(ordered, 0.5),
-            _quantile(ordered, 0.9),
+            quantile(rate, 0.1),
+            quantile(rate, 0.5),
+            quantile(rate, 0.9),
         ],
         "spearman_energy_per_epoch_vs_final": spearman(rate, final),
         "learners": len(learners),
@@ -342,13 +345,6 @@ def relation(traces: list[dict[str, Any]], key: str) -> dict[str, Any]:
             [rate[i] for i in learners], [final[i] for i in learners]
         ),
     }
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    pos = q * (len(ordered) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def compare(
@@ -373,9 +369,7 @@ def compare(
         stream = traces[:]
         random.Random(s).shuffle(stream)
         fifo = replay(stream, None, key, math.inf, limit=args.trials)
-        targets = [
-            _quantile(sorted(r["trace"]["final"]["score"] for r in fifo), q) for q in quantiles
-        ]
+        targets = [quantile([r["trace"]["final"]["score"] for r in fifo], q) for q in quantiles]
         budget = args.budget_fraction * math.fsum(r["spent"] for r in fifo)
         row: dict[str, Any] = {"stream": s, "targets": targets, "budget": budget, "methods": {}}
         for name, runs in [("fifo", fifo)] + [

@@ -486,16 +486,6 @@ COST_VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True), GARBAGE)
 MISSING = object()
 
 
-def _valid_cost(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond the float range: no cost
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
-
-
 def _valid_metric(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -504,6 +494,11 @@ def _valid_metric(value: Any) -> float | None:
     except OverflowError:  # an int beyond the float range: not finite
         return None
     return number if math.isfinite(number) else None
+
+
+def _valid_cost(value: Any) -> float | None:
+    number = _valid_metric(value)  # a cost is a valid metric that is not negative
+    return number if number is not None and number >= 0 else None
 
 
 @PROFILE
