@@ -30,7 +30,8 @@ Inclusive/exclusive upper bounds follow what Ray Tune 2.60 itself samples:
 
 Rejected, with a :class:`~eeipu_ray.search.errors.SearchSpaceError` naming the
 key as ``"stage/key"``: ``grid_search``, ``sample_from``, ``randn``/``qrandn``
-(unbounded), infinite bounds, and nested mappings holding domains.
+(unbounded), infinite bounds, and nested mappings holding domains (a plain
+space nested deeper is flattened first, see :class:`~eeipu_ray.search.paths.PathLayout`).
 
 Example:
     >>> from ray import tune
@@ -371,11 +372,13 @@ def _is_grid_search(value: Any) -> bool:
     return isinstance(value, Mapping) and set(value) == {"grid_search"}
 
 
-def _mentions_domain(value: Any) -> bool:
+def mentions_domain(value: Any) -> bool:
+    """Whether ``value`` is a Ray Tune domain or ``grid_search``, or a mapping
+    holding one at any depth (recognized without importing Ray)."""
     if _domain_module_type(value) is not None or _is_grid_search(value):
         return True
     if isinstance(value, Mapping):
-        return any(_mentions_domain(v) for v in value.values())
+        return any(mentions_domain(v) for v in value.values())
     return False
 
 
@@ -397,7 +400,7 @@ def _make_dimension(
             "tune.choice(...) for the same values"
         )
     if _domain_module_type(value) is None:
-        if isinstance(value, Mapping) and _mentions_domain(value):
+        if isinstance(value, Mapping) and mentions_domain(value):
             raise SearchSpaceError(
                 f"{shown!r}: nested mappings of domains are not supported; give each "
                 "stage a flat {key: domain} mapping"
