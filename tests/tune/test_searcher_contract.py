@@ -488,20 +488,25 @@ def test_tune_run_with_a_nested_param_space_finishes_on_the_budget(
     assert searcher.suggest("more") == Searcher.FINISHED
 
 
+def _fit(trainable: Any, param_space: dict[str, Any], searcher: EEIPUSearcher, where: Path) -> Any:
+    """A Tuner run that only the searcher's budget ends; its results, none failed."""
+    grid = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric="score", mode="max", search_alg=searcher, num_samples=-1
+        ),
+        run_config=tune.RunConfig(storage_path=str(where.parent), name=where.name, verbose=0),
+    ).fit()
+    assert not grid.errors
+    return list(grid)
+
+
 def test_tuner_with_a_nested_param_space_and_a_pipeline_override(
     ray_local: Any, tmp_path: Path
 ) -> None:
     searcher = EEIPUSearcher(budget=8.0, n_warmup=3, options=FAST, cost_key="cost")
-    grid = tune.Tuner(
-        _nested_trainable,
-        param_space=NESTED,
-        tune_config=tune.TuneConfig(
-            metric="score", mode="max", search_alg=searcher, num_samples=-1
-        ),
-        run_config=tune.RunConfig(storage_path=str(tmp_path), name="nested", verbose=0),
-    ).fit()
-    assert not grid.errors
-    results = list(grid)
+    results = _fit(_nested_trainable, NESTED, searcher, tmp_path / "nested")
     assert sum(r.metrics["cost"] for r in results) >= 8.0
     for r in results:
         assert_nested_config(r.config)
@@ -510,16 +515,9 @@ def test_tuner_with_a_nested_param_space_and_a_pipeline_override(
     pipeline = load_pipeline("synthetic")
     cache = PrefixCache(tmp_path / "cache")
     searcher = EEIPUSearcher(pipeline, budget=20.0, cache=cache, n_warmup=3, options=FAST)
-    grid = tune.Tuner(
-        pipeline.as_trainable(cache=cache, metric="score"),
-        param_space={"stage1": {"x1": tune.uniform(1.5, 2.0)}},
-        tune_config=tune.TuneConfig(
-            metric="score", mode="max", search_alg=searcher, num_samples=-1
-        ),
-        run_config=tune.RunConfig(storage_path=str(tmp_path), name="override", verbose=0),
-    ).fit()
-    assert not grid.errors
-    results = list(grid)
+    trainable = pipeline.as_trainable(cache=cache, metric="score")
+    override = {"stage1": {"x1": tune.uniform(1.5, 2.0)}}
+    results = _fit(trainable, override, searcher, tmp_path / "override")
     assert sum(r.metrics["total_cost"] for r in results) >= 20.0
     for r in results:
         assert 1.5 <= r.config["stage1"]["x1"] <= 2.0
