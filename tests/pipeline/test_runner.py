@@ -169,6 +169,9 @@ def test_single_stage_pipeline_stores_nothing(cache):
 
 # --------------------------------------------------------------- records
 def test_loaded_record_keeps_original_compute_time(cache):
+    # Kind (b): only what holds on any machine, loaded or idle: a sleep is a lower
+    # bound on a measured time; how long a load takes is not bounded above, so the
+    # charges are checked by what they are made of, not raced against each other.
     calls = collections.Counter()
     p = toy(calls, prep_sleep=0.2)
     first = p.run(CONFIG, cache, trial_id="trial-1")
@@ -185,13 +188,16 @@ def test_loaded_record_keeps_original_compute_time(cache):
     assert prep2.compute_seconds == prep1.compute_seconds  # as first recorded
     assert feat2.compute_seconds == feat1.compute_seconds
     assert prep2.seconds == 0.0 and prep2.bytes == 0 and prep2.load_seconds == 0.0
-    assert 0.0 < feat2.seconds < 0.2
+    assert feat2.seconds > 0.0
     assert feat2.load_seconds == feat2.seconds
     assert feat2.bytes == feat1.bytes > 0
     assert feat2.producer.get("trial_id") == "trial-1"
     assert prep2.producer == {}
     assert train2.status == "executed"
-    assert second.total_seconds < first.total_seconds
+    # The second trial pays the load and the stage it ran, nothing of the loaded
+    # compute (the first paid prep's 0.2 s sleep and more).
+    assert second.total_seconds == pytest.approx(feat2.load_seconds + train2.seconds)
+    assert first.total_seconds >= prep1.compute_seconds >= 0.2
 
 
 def test_declared_costs_replace_the_clock(cache):
@@ -287,12 +293,14 @@ def test_a_failed_stage_says_what_the_trial_spent(cache):
     assert spent["total_cost"] == pytest.approx(
         spent["stage_costs/prep"] + spent["stage_costs/feat"]
     )
-    # Again, with stage 1 cached: the load is what it spent there.
+    # Again, with stage 1 cached: the load is what it spent there. Kind (b): the
+    # charge is the load, not prep's compute (no race between the two clocks).
     with pytest.raises(StageExecutionError) as again:
         p.run(config, cache)
     assert again.value.spent["memoized_stages"] == 1
     assert again.value.spent["cache_hit/prep"] == 1
-    assert again.value.spent["stage_costs/prep"] < spent["stage_costs/prep"]
+    assert again.value.spent["stage_costs/prep"] == again.value.spent["load_seconds/prep"] > 0
+    assert again.value.spent["compute_costs/prep"] == spent["compute_costs/prep"]
 
 
 class Opaque:

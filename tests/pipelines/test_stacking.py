@@ -63,6 +63,8 @@ def test_builtin_registration_stage_order_and_pickling(pipeline):
 
 
 def test_scores_beat_chance(pipeline):
+    # Kind (a), by margin: seeded learners, measured 0.65 accuracy, 0.81 AUC and
+    # 0.69 best base accuracy (15+ of 100 validation rows above each threshold).
     out = pipeline.run(CONFIG).output
     assert set(out) == {"score", "auc", "best_base_accuracy"}
     # Three balanced classes: chance is 1/3 accuracy and 0.5 AUC.
@@ -72,6 +74,7 @@ def test_scores_beat_chance(pipeline):
 
 
 def test_two_classes_use_the_binary_auc():
+    # Kind (a), by margin: measured 0.74 accuracy and 0.83 AUC against 0.6.
     pipeline = stacking.build_pipeline(**{**TINY, "n_classes": 2})
     out = pipeline.run(CONFIG).output
     assert 0.6 < out["score"] <= 1.0

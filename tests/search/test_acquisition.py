@@ -89,6 +89,8 @@ def test_cost_plugin_with_mock_samples_and_cached_prefixes():
 
 def test_marginal_path_matches_the_lognormal_closed_form():
     # One cost output, log C ~ N(mu, s^2): E[1/C] = exp(-mu + s^2 / 2).
+    # Kind (a), deterministic: the QMC base samples are scrambled Sobol with a fixed
+    # seed (the same on every machine); the error is 4e-4 at most against 2e-3.
     mu = torch.tensor([0.0, 1.0, -2.0], dtype=D).reshape(3, 1, 1)
     var = torch.tensor([0.25, 0.01, 1.0], dtype=D).reshape(3, 1, 1)
     plugin = LogExpectedInverseCost(

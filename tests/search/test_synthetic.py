@@ -233,6 +233,8 @@ def test_layout_spaces(name, dims):
 
 @pytest.mark.parametrize(("name", "dominant"), [("front4", 0), ("back5", 4)])
 def test_cost_dominance_and_typical_total(name, dominant):
+    # Kind (a), deterministic: closed-form costs of seeded torch CPU draws (the same
+    # on every machine): shares 0.66 / 0.67 in (0.55, 0.75), totals 3.8 / 4.0 in (3, 5).
     layout = get_layout(name)
     configs = _random_configs(layout, 256, seed=0)
     costs = torch.tensor([synthetic_stage_costs(c, name) for c in configs], dtype=torch.double)
@@ -249,6 +251,7 @@ def test_cost_dominance_and_typical_total(name, dominant):
 
 @pytest.mark.parametrize("name", ["paper", *NEW_LAYOUTS])
 def test_test_function_terms_have_comparable_scales(name):
+    # Kind (a), deterministic: closed-form terms of seeded draws (9 to 38 in (2, 60)).
     layout = get_layout(name)
     values = torch.tensor(
         [
@@ -379,17 +382,27 @@ def simulate(acquisition: str, seed: int, budget: float = 200.0) -> SimulationRe
     )
 
 
-@pytest.mark.parametrize("seed", [0])
-def test_eeipu_completes_more_iterations_than_ei_within_the_budget(seed):
-    eeipu = simulate("eeipu", seed)
-    ei = simulate("ei", seed)
-    for name, res in (("EEIPU", eeipu), ("EI", ei)):
-        print(
-            f"seed {seed} {name}: {res.bo_iterations} BO iterations after warm-up, "
-            f"best objective {res.best:.3f}, {res.memoized_trials} trials reused a prefix, "
-            f"spent {res.budget_spent:.3f}"
-        )
-        assert res.budget_spent == pytest.approx(res.charged, rel=1e-12)
-        assert 200.0 <= res.budget_spent < 200.0 + 20.0  # stops after the one trial that crosses
-    assert eeipu.bo_iterations > ei.bo_iterations
-    assert eeipu.memoized_trials > 0 and ei.memoized_trials == 0
+def test_eeipu_completes_more_iterations_than_ei_within_the_budget():
+    # Kind (a), by margin. A trajectory hangs on GP fits and L-BFGS optima, so a
+    # machine that rounds differently may follow another one; each seed is such a
+    # draw. Over seeds 0-8, EEIPU ran 8 to 32 (mean 22, sd 7.5) more BO iterations
+    # than EI on the same seed: one seed alone would flip about once in 500 draws,
+    # the sum over three seeds (a margin of about five sd) practically never. The
+    # budget and reuse checks are structural (a trial costs at most ~16.3 units; EI
+    # would need two trials with bit-identical stage-1 values to load a prefix).
+    eeipu_iterations = ei_iterations = 0
+    for seed in (0, 1, 2):
+        eeipu = simulate("eeipu", seed)
+        ei = simulate("ei", seed)
+        for name, res in (("EEIPU", eeipu), ("EI", ei)):
+            print(
+                f"seed {seed} {name}: {res.bo_iterations} BO iterations after warm-up, "
+                f"best objective {res.best:.3f}, {res.memoized_trials} trials reused a prefix, "
+                f"spent {res.budget_spent:.3f}"
+            )
+            assert res.budget_spent == pytest.approx(res.charged, rel=1e-12)
+            assert 200.0 <= res.budget_spent < 200.0 + 20.0  # stops after the one that crosses
+        assert eeipu.memoized_trials > 0 and ei.memoized_trials == 0
+        eeipu_iterations += eeipu.bo_iterations
+        ei_iterations += ei.bo_iterations
+    assert eeipu_iterations > ei_iterations

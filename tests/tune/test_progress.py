@@ -38,6 +38,8 @@ def test_budget_line_reads_the_searcher_and_survives_tuner_pickling(tmp_path: Pa
         config = searcher.suggest(f"t{i}")
         searcher.on_trial_complete(f"t{i}", result=pipeline.run(config).to_result("score"))
     spent = searcher.budget_spent
+    # Kind (a), structural: four trials cost 4 x 16.35 units at most, and the BO
+    # trial's positive cost lowers eta below 1 whatever config it was.
     assert 0 < spent < 500 and searcher.eta < 1.0
     line = reporter.budget_line([])
     assert f"{spent:.4g} s spent of 500 s ({500 - spent:.4g} s left)" in line

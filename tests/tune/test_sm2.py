@@ -319,5 +319,8 @@ def test_tune_run_with_eeipu_searcher_stops_early_and_skips_what_does_not_fit(
     # ... and the searcher was charged what it spent (seconds so far), not 0.
     assert searcher.engine.store[slow["trial_id"]].charged_cost == pytest.approx(slow["total_cost"])
     finished = by_batch[(3e-2, 32)].metrics
+    # Kind (a), by margin: seeded training measured at 0.56 (28 of 50 images; chance
+    # is 0.1); rounding-level changes (1e-7 on the initial weights, 1 or 2 threads)
+    # moved its nll by 1e-7 and no image across the decision boundary.
     assert finished["memoized_stages"] == 0 and finished["score"] > 0.5
     assert finished["cpu_seconds/train"] > 0 and finished["energy_source/train"] == "none"

@@ -91,6 +91,7 @@ def check_sweep(pipeline: Pipeline, results: list[Mapping[str, Any]]) -> list[in
         else:
             deepest = STAGES[memo - 1]
             load = result[f"load_seconds/{deepest}"]
+            # Kind (a), by margin: a ~30 kB load takes milliseconds; MAX_LOAD_S is 2 s.
             assert 0 < load < MAX_LOAD_S, where
             # What the trial spent on a loaded prefix is the load, charged to the
             # deepest loaded stage; the stages before it cost this trial nothing.
@@ -99,8 +100,8 @@ def check_sweep(pipeline: Pipeline, results: list[Mapping[str, Any]]) -> list[in
                 assert result[f"stage_costs/{s}"] == 0, (where, s)
                 assert result[f"load_seconds/{s}"] == 0, (where, s)
             assert result["cache_bytes/" + deepest] > 0, where
-            if memo == 1:
-                assert result["stage_costs/data"] < result["compute_costs/data"], where
+            # (Whether the load beat the 0.3 s compute is the machine's business: the
+            # charge is the load, checked above, and the compute is what was recorded.)
         assert result["total_cost"] == pytest.approx(
             sum(result[f"stage_costs/{s}"] for s in STAGES)
         ), where
