@@ -42,7 +42,7 @@ def _store_worker(
         key, meta = entry_for(0)
         cache.contains(key)  # connect before the barrier, so the writes really race
         FsStore.exists = lambda self, key: False  # type: ignore[method-assign]  # this process only
-        barrier.wait(timeout=120)
+        barrier.wait(timeout=600)
         result = cache.store(key, _value(), meta)
         results.put(("ok", result.published))
     except BaseException as exc:  # report to the parent instead of dying silently
@@ -63,10 +63,10 @@ def _race(backend: Backend, writers: int) -> list[bool]:
     for proc in procs:
         proc.start()
     try:
-        outcomes = [results.get(timeout=180) for _ in procs]
+        outcomes = [results.get(timeout=900) for _ in procs]
     finally:
         for proc in procs:
-            proc.join(timeout=60)
+            proc.join(timeout=300)
             if proc.is_alive():
                 proc.kill()
     errors = [detail for status, detail in outcomes if status == "error"]

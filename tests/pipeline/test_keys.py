@@ -252,7 +252,7 @@ def _keys_in_child(hashseed: str, order: str) -> list[str]:
         text=True,
         env=env,
         check=True,
-        timeout=120,
+        timeout=600,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

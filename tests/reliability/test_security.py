@@ -420,7 +420,7 @@ def test_credentials_reach_ray_workers_without_a_pickle(
         check=False,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
     )
     assert done.returncode == 0, done.stderr

@@ -384,7 +384,7 @@ def test_disk_full_fails_the_store_clearly_and_leaves_no_entry(tmp_path: Path) -
         [sys.executable, "-c", _DISK_FULL_SCRIPT, str(root)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=600,
         cwd=Path(__file__).resolve().parents[2],
         check=False,
     )
@@ -476,7 +476,7 @@ def test_cache_over_its_byte_budget_under_load(tmp_path: Path) -> None:
             _fill, [(root, budget, w, 1000 + w) for w in range(N_WORKERS)], chunksize=1
         )
         done.touch()
-        watched = watcher.get(timeout=90)
+        watched = watcher.get(timeout=600)
     assert [r["error"] for r in reports] == [None] * N_WORKERS, reports
     assert sum(r["hits"] for r in reports) > 0
     # A listing racing the evictions skips what vanishes; it never comes back empty.

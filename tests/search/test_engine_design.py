@@ -173,7 +173,7 @@ def test_lookahead_runs_in_a_thread_on_a_snapshot() -> None:
     worker = threading.Thread(target=lambda: box.setdefault("p", compute()))
     worker.start()
     engine.on_result("r0", _result(running))  # a result lands meanwhile
-    worker.join(timeout=120)
+    worker.join(timeout=600)
     proposal = box["p"]
     assert proposal.version < engine.store.version  # computed before the result
     config = engine.suggest("r1", lookahead=proposal)

@@ -69,7 +69,7 @@ def _s3_upload_in_progress(bucket: str, options: Mapping[str, Any]) -> Callable[
     return check
 
 
-def _kill_self_when(in_progress: Callable[[], bool], timeout_s: float = 120.0) -> None:
+def _kill_self_when(in_progress: Callable[[], bool], timeout_s: float = 600.0) -> None:
     def watch() -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

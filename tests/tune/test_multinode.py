@@ -46,7 +46,7 @@ def two_nodes() -> Iterator[dict[str, str]]:
     )
     try:
         cluster.add_node(num_cpus=1, resources={"worker_node": 1})
-        cluster.wait_for_nodes(timeout=120)
+        cluster.wait_for_nodes(timeout=600)
         ray.init(address=cluster.address, namespace="eeipu_ray", logging_level="WARNING")
         nodes = {}
         for node in ray.nodes():
@@ -136,7 +136,7 @@ def test_object_store_layer_across_nodes(two_nodes: dict[str, str], tmp_path: Pa
     try:
         # First used (so created) from the worker node, the actor still goes to the
         # head node, which outlives worker nodes.
-        user_node, stats = ray.get(first_use_on_worker_node.remote(cache), timeout=300)
+        user_node, stats = ray.get(first_use_on_worker_node.remote(cache), timeout=1200)
         assert user_node == two_nodes["worker_node"]
         assert stats["node_id"] == two_nodes["head_node"]
         _check_a_then_b(two_nodes, cache, tmp_path, unique_name("multinode-os"))

@@ -229,11 +229,19 @@ def test_suggest_waits_while_running_trials_are_expected_to_spend_the_budget() -
     engine = searcher.engine
     assert engine.budget_left > 0 and engine.budget_committed >= 30.0
     assert len(running) < 16  # the budget, not the concurrency limit, said wait
+    # The stopping rule, exactly (not what the BO configs happen to cost): each
+    # running trial is expected to cost the mean of the two finished ones, and a
+    # new one started only while spent + expected < budget.
+    spent = searcher.budget_spent
+    mean = spent / 2
+    n = len(running)
+    assert spent + (n - 1) * mean < 30.0 <= spent + n * mean
+    assert engine.budget_committed == pytest.approx(spent + n * mean)
     for trial_id, config in running.items():
         searcher.on_trial_complete(trial_id, result=pipeline.run(config).to_result("score"))
-    # Every trial it started was needed: the spending stops near the budget,
-    # not one round of trials past it.
-    assert searcher.budget_spent < 30.0 + max(r.charged_cost for r in engine.records)
+    assert searcher.budget_spent == pytest.approx(
+        spent + sum(r.charged_cost for r in engine.records if r.trial_id in running)
+    )
 
 
 def test_auto_batch_size_follows_trial_durations_and_compute_time() -> None:

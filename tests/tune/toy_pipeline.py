@@ -57,7 +57,7 @@ def _record(record_dir: str | None, stage: str) -> None:
     path.write_text(json.dumps(doc))
 
 
-def _wait_at_barrier(directory: str, count: int, timeout_s: float = 120.0) -> None:
+def _wait_at_barrier(directory: str, count: int, timeout_s: float = 600.0) -> None:
     os.makedirs(directory, exist_ok=True)
     Path(directory, uuid.uuid4().hex).touch()
     deadline = time.monotonic() + timeout_s
