@@ -32,17 +32,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-from botorch.models.model import ModelList
 from torch import Tensor
 
 from eeipu_ray.search.acquisition import (
     CachedPrefixes,
     CostAwareLogEI,
-    LogCArBO,
-    LogEEIPU,
-    LogEIPS,
     RandomProposer,
-    cost_cooling,
     suffix_cost,
 )
 from eeipu_ray.search.design import cheap_and_diverse
@@ -75,10 +70,16 @@ from eeipu_ray.search.records import (
     cost_sum,
 )
 from eeipu_ray.search.space import SearchSpace
+from eeipu_ray.search.strategies import (
+    AcquisitionInputs,
+    AcquisitionStrategy,
+    CostModels,
+    get_strategy,
+)
 
 logger = logging.getLogger(__name__)
 
-ACQUISITIONS = ("eeipu", "ei", "eips", "carbo", "random")
+ACQUISITIONS = ("eeipu", "ei", "eips", "carbo", "random")  # built in; see search.strategies
 STATE_FORMAT = 1
 _MIN_OBSERVATIONS = 2  # completed trials before the GP is trusted
 _BATCH_RAW_CANDIDATES = 32  # best raw samples per prefix kept as batch candidates
@@ -92,7 +93,8 @@ class EngineOptions:
     """Options of :class:`BOEngine`, validated once.
 
     Attributes:
-        acquisition: ``"eeipu"``, ``"ei"``, ``"eips"``, ``"carbo"`` or ``"random"``.
+        acquisition: ``"eeipu"``, ``"ei"``, ``"eips"``, ``"carbo"``, ``"random"``,
+            or the name of a strategy registered in :mod:`eeipu_ray.search.strategies`.
         budget: Total cost units (seconds, joules, ...) the search may spend;
             ``None`` for unlimited (then ``eta`` stays 1: no cost cooling).
         metric: Name of the objective in the results.
@@ -157,10 +159,7 @@ class EngineOptions:
     reserve_pending: bool = True
 
     def __post_init__(self) -> None:
-        if self.acquisition not in ACQUISITIONS:
-            raise EngineOptionsError(
-                f"acquisition={self.acquisition!r} is not one of {ACQUISITIONS}"
-            )
+        get_strategy(self.acquisition)  # raises EngineOptionsError naming the choices
         if self.budget is not None:
             if isinstance(self.budget, bool) or not isinstance(self.budget, int | float):
                 raise EngineOptionsError(f"budget={self.budget!r} must be a number or None")
@@ -214,8 +213,7 @@ class _AcquisitionParts:
     models: SurrogateModels
     eta: float
     best_f: float
-    stage_costs: ModelList | None  # EEIPU: fast marginals of the stage-cost GPs
-    total_cost: MarginalGP | None  # EIPS / CArBO
+    costs: CostModels
 
 
 @dataclass(frozen=True)
@@ -316,6 +314,7 @@ class BOEngine:
         self.store = TrialStore(
             space.stage_names, metric=self.options.metric, mode=self.options.mode
         )
+        self.strategy: AcquisitionStrategy = get_strategy(self.options.acquisition)
         self._n_suggested = 0
         self._n_warmup_drawn = 0
         self._spent_after_warmup: float | None = None
@@ -370,7 +369,7 @@ class BOEngine:
     @property
     def eta(self) -> float:
         """The cost exponent the next BO step uses (1 during warm-up; EIPS: 1; EI: 0)."""
-        return _eta(self.options, self.budget_spent, self._spent_after_warmup)
+        return self._eta(self.budget_spent)
 
     @property
     def records(self) -> list[TrialRecord]:
@@ -424,7 +423,7 @@ class BOEngine:
         opts = self.options
         available = _as_predicate(available_prefixes)
         proposal: Proposal | None = None
-        if opts.acquisition == "random":
+        if self.strategy.proposes_randomly:
             x, phase = self._random.propose(self._n_suggested), "random"
             config = self.space.from_unit(x)
         elif not self.next_is_bo():
@@ -462,7 +461,7 @@ class BOEngine:
     def next_is_bo(self) -> bool:
         """Whether the next :meth:`suggest` is a BO step (not warm-up, not random)."""
         return (
-            self.options.acquisition != "random"
+            not self.strategy.proposes_randomly
             and self._n_suggested >= self.options.n_warmup
             and len(self.store.completed) >= _MIN_OBSERVATIONS
             and self.space.dim > 0
@@ -698,22 +697,25 @@ class BOEngine:
             return models.total_cost.posterior(X.unsqueeze(-2)).mean.reshape(-1)
 
     def _models(self, store: TrialStore) -> SurrogateModels:
-        acq = self.options.acquisition
+        strategy = self.strategy
         if self._cache.models is None or self._cache.version != store.version:
             assert self._cache.fitter is not None
             self._cache.models = fit_surrogates(
                 self._cache.fitter,
                 list(store),
                 self._stage_dims,
-                need_stage_costs=acq == "eeipu",
-                # EI has no cost model of its own; a cheap warm-up needs one.
-                need_total_cost=acq in ("eips", "carbo")
-                or (acq == "ei" and self.options.warmup_design == "cheap"),
+                need_stage_costs=strategy.needs_stage_costs,
+                # A cheap warm-up needs some cost model, even for a cost-blind method.
+                need_total_cost=strategy.needs_total_cost
+                or (self.options.warmup_design == "cheap" and not strategy.needs_stage_costs),
                 upstream=self.options.cost_model_upstream,
                 load_prior=self.options.load_cost_prior,
             )
             self._cache.version = store.version
         return self._cache.models
+
+    def _eta(self, spent: float) -> float:
+        return float(self.strategy.eta(self.options.budget, spent, self._spent_after_warmup))
 
     def _enter_bo(self) -> None:
         if self._spent_after_warmup is None:
@@ -779,7 +781,7 @@ class BOEngine:
         """
         opts = self.options
         models = self._models(store)
-        eta = _eta(opts, store.budget_spent, self._spent_after_warmup)
+        eta = self._eta(store.budget_spent)
         seed = opts.seed + 7919 * step
         parts = self._acquisition_parts(models, store, eta)
         available = _memoized(available)  # one cache lookup per key and step
@@ -791,7 +793,7 @@ class BOEngine:
                 )
         acqf, cached = self._acquisition(parts, store, available)
 
-        if opts.acquisition == "eeipu":
+        if self.strategy.memoization_aware:
             top = [(r.trial_id, r.x, r.prefix_keys) for r in store.top(opts.top_q)]
             lookup = store
 
@@ -879,16 +881,8 @@ class BOEngine:
         self, models: SurrogateModels, store: TrialStore, eta: float
     ) -> _AcquisitionParts:
         """What one BO step's acquisitions share, however many pending points they see."""
-        opts = self.options
-        stage_costs = total = None
-        if opts.acquisition == "eeipu":
-            assert models.stage_costs is not None
-            stage_costs = ModelList(*(MarginalGP(m) for m in models.stage_costs.models))
-        elif opts.acquisition in ("eips", "carbo"):
-            assert models.total_cost is not None
-            total = MarginalGP(models.total_cost)
         best_f = max(float(r.objective) for r in store.completed)  # type: ignore[arg-type]
-        return _AcquisitionParts(models, eta, best_f, stage_costs, total)
+        return _AcquisitionParts(models, eta, best_f, self.strategy.cost_models(models))
 
     def _acquisition(
         self,
@@ -897,40 +891,24 @@ class BOEngine:
         available: Callable[[str], bool] | None,
     ) -> tuple[CostAwareLogEI, CachedPrefixes | None]:
         """The acquisition given the pending trials of ``store`` (and its cached prefixes)."""
-        opts = self.options
         pending = store.pending
         X_pending = torch.stack([r.x for r in pending]) if pending else None
         objective = MarginalGP(parts.models.objective, X_pending)  # kriging believer
         best_f = parts.best_f
         if objective.believed_max is not None:  # the believer's incumbent
             best_f = max(best_f, objective.believed_max)
-        cached = self._cached_prefixes(store, available) if opts.acquisition == "eeipu" else None
-        acqf: CostAwareLogEI
-        if opts.acquisition == "eeipu":
-            assert parts.stage_costs is not None
-            acqf = LogEEIPU(
-                objective,
-                best_f,
-                parts.stage_costs,
-                parts.models.load_costs,
-                cached,
+        strategy = self.strategy
+        cached = self._cached_prefixes(store, available) if strategy.memoization_aware else None
+        acqf = strategy.build(
+            AcquisitionInputs(
+                objective=objective,
+                best_f=best_f,
+                costs=parts.costs,
+                cached=cached,
                 eta=parts.eta,
-                mc_samples=opts.mc_samples,
+                mc_samples=self.options.mc_samples,
             )
-        elif opts.acquisition == "eips":
-            assert parts.total_cost is not None
-            acqf = LogEIPS(objective, best_f, parts.total_cost, mc_samples=opts.mc_samples)
-        elif opts.acquisition == "carbo":
-            assert parts.total_cost is not None
-            acqf = LogCArBO(
-                objective,
-                best_f,
-                parts.total_cost,
-                eta=parts.eta,
-                mc_samples=opts.mc_samples,
-            )
-        else:
-            acqf = CostAwareLogEI(objective, best_f, cost=None, eta=0.0)
+        )
         return acqf, cached
 
     def _proposal(
@@ -987,14 +965,6 @@ class BOEngine:
 # --------------------------------------------------------------------------
 # Private helpers
 # --------------------------------------------------------------------------
-
-
-def _eta(options: EngineOptions, spent: float, spent_after_warmup: float | None) -> float:
-    if options.acquisition in ("ei", "random"):
-        return 0.0
-    if options.acquisition == "eips":
-        return 1.0
-    return cost_cooling(options.budget, spent, spent_after_warmup)
 
 
 def _check_int(options: EngineOptions, name: str, minimum: int) -> None:
