@@ -34,7 +34,9 @@ stages at their cost, loaded stages at their load cost) is below the budget.
 Pipelines (``--pipelines``): the synthetic layouts of
 :mod:`eeipu_ray.search.synthetic` (``paper``: the paper-compatible 3-stage
 pipeline; ``front4``: 4 stages, the first dominates the cost; ``back5``: 5
-stages, the last dominates; declared costs, a run takes seconds) and the real
+stages, the last dominates; ``flat4``: near-uniform costs; ``costly3``: the
+best configurations are the expensive ones; declared costs, a run takes
+seconds) and the real
 CPU pipelines ``stacking`` and ``cnn`` (measured wall-clock seconds).
 
 Metrics per method, mean ± standard error over seeds:
@@ -143,6 +145,14 @@ PIPELINES: dict[str, PipelineSpec] = {
         "back5", _synthetic("back5"), 200.0, 10, "cost units",
         "5 stages, the last dominates the cost", "synthetic",
     ),
+    "flat4": PipelineSpec(
+        "flat4", _synthetic("flat4"), 200.0, 10, "cost units",
+        "4 stages of near-uniform cost (costs carry almost no information)", "synthetic",
+    ),
+    "costly3": PipelineSpec(
+        "costly3", _synthetic("costly3"), 200.0, 10, "cost units",
+        "3 stages, the best configurations are the expensive ones", "synthetic",
+    ),
     "stacking": PipelineSpec(
         "stacking", _real("stacking"), 120.0, 8, "s",
         "stacking ensemble (data -> 4 base learners, out-of-fold -> meta learner), "
@@ -155,7 +165,7 @@ PIPELINES: dict[str, PipelineSpec] = {
     ),
 }
 SUITES = {
-    "synthetic": ["paper", "front4", "back5"],
+    "synthetic": ["paper", "front4", "back5", "flat4", "costly3"],
     "real": ["stacking", "cnn"],
     "all": list(PIPELINES),
 }
@@ -242,11 +252,15 @@ class BudgetLimiter(Searcher):
 
 
 def engine_options(args: argparse.Namespace) -> Any:
+    """The engine methods' options: defaults (or small optimizers with ``--fast``),
+    then ``args.engine_options`` (a dict of overrides, for ablations) if present."""
     from eeipu_ray.search import EngineOptions
 
+    overrides = dict(getattr(args, "engine_options", None) or {})
     if args.fast:
-        return EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20)
-    return EngineOptions()  # 10 restarts, 512 raw samples, as the reference
+        base = {"num_restarts": 2, "raw_samples": 64, "mc_samples": 64, "maxiter": 20}
+        return EngineOptions(**{**base, **overrides})
+    return EngineOptions(**overrides)  # 10 restarts, 512 raw samples, as the reference
 
 
 def make_searcher(
@@ -726,7 +740,8 @@ def combine(paths: list[Path], out: Path, notes: list[str] | None = None) -> int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", choices=sorted(SUITES), default=None,
-                    help="pipelines to run: synthetic (paper, front4, back5), real, all")
+                    help="pipelines to run: synthetic (paper, front4, back5, flat4, costly3), "
+                    "real, all")
     ap.add_argument("--pipelines", default=None, help=f"comma list from {list(PIPELINES)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {METHODS}")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (synthetic 10, real 3)")

@@ -3,8 +3,10 @@
 One pipeline per layout (see ``eeipu_ray.search.synthetic.LAYOUTS``):
 ``"paper"`` (the default; three stages, objective
 ``-Beale(h1) - Hartmann3(h2) - Branin(h3)``, maximize; see DESIGN.md),
-``"front4"`` (four stages, the first dominates the cost) and ``"back5"``
-(five stages, the last dominates the cost). Each stage declares its cost
+``"front4"`` (four stages, the first dominates the cost), ``"back5"``
+(five stages, the last dominates the cost), ``"flat4"`` (four stages of
+near-uniform cost) and ``"costly3"`` (the best configurations are the most
+expensive). Each stage declares its cost
 instead of the clock (``Stage(cost=...)``) and a load cost of 0.1 per cached
 stage, as the reference implementation does, so a 200-unit budget runs in
 seconds. With ``time_scale > 0`` every stage also sleeps

@@ -77,8 +77,21 @@ Mean total 3.91 (51 trials; totals range 0.9 to 8.0, stage 5 alone 0.1 to
 [0, 2] on ``[-10, 10]^3``; scaled mean 10). Rastrigin's mean is 37,
 ThreeHumpCamel's 9.
 
-Every bound of ``"front4"`` and ``"back5"`` lies inside BoTorch's domain of
-its test function.
+``"flat4"``: 4 stages of near-uniform cost: every cost term is ``(s g(h) +
+22)^2`` with ``s`` at most 0.5, so each stage costs 0.97 (totals 3.84 to 4.02,
+mean 3.92; 51 trials): the costs tell a method almost nothing, and only
+memoization saves budget. Terms: 10 Hartmann3 on ``[0, 1]^3``, Branin on
+``[0, 10]^2``, SixHumpCamel on ``[-2, 2]^2``, Levy on ``[-10, 10]^3``.
+
+``"costly3"``: 3 stages whose best configurations are the expensive ones:
+every cost term is ``(s cos(h) + t)^2`` on ``[-3, 3]``, largest at 0, where
+every term is minimal (ThreeHumpCamel and Ackley on ``[-3, 3]^2``, cost terms
+``(cos, 12, 12)``; 20 Griewank on ``[-3, 3]^3``, ``(cos, 30, 31)``, 77% of the
+mean total 3.85). The optimum costs 9.7, the best tenth of random
+configurations 6.1 on average.
+
+Every bound of ``"front4"``, ``"back5"``, ``"flat4"`` and ``"costly3"`` lies
+inside BoTorch's domain of its test function.
 
 Example:
     >>> config = {"stage1": {"x1": 0.0, "x2": 0.0},
@@ -479,8 +492,32 @@ LAYOUTS: dict[str, Layout] = {
             ),
         ),
     ),
+    "flat4": Layout(
+        "flat4",
+        (
+            SyntheticStage(
+                "stage1", _K3, (0.0, 1.0), hartmann3, ((math.sin, 0.5, 22.0),) * 3, term_scale=10.0
+            ),
+            SyntheticStage("stage2", _K2, (0.0, 10.0), branin, ((math.cos, 0.5, 22.0),) * 2),
+            SyntheticStage("stage3", _K2, (-2.0, 2.0), six_hump_camel, ((_square, 0.1, 22.0),) * 2),
+            SyntheticStage("stage4", _K3, (-10.0, 10.0), levy, ((logistic10, 0.5, 22.0),) * 3),
+        ),
+    ),
+    "costly3": Layout(
+        "costly3",
+        (
+            SyntheticStage(
+                "stage1", _K2, (-3.0, 3.0), three_hump_camel, ((math.cos, 12.0, 12.0),) * 2
+            ),
+            SyntheticStage("stage2", _K2, (-3.0, 3.0), ackley, ((math.cos, 12.0, 12.0),) * 2),
+            SyntheticStage(
+                "stage3", _K3, (-3.0, 3.0), griewank, ((math.cos, 30.0, 31.0),) * 3, term_scale=20.0
+            ),
+        ),
+    ),
 }
-"""The built-in layouts by name: ``"paper"`` (the default), ``"front4"``, ``"back5"``."""
+"""The built-in layouts by name: ``"paper"`` (the default), ``"front4"``, ``"back5"``,
+``"flat4"`` and ``"costly3"``."""
 
 # The paper layout's tables under their historical names.
 STAGES: tuple[str, ...] = LAYOUTS["paper"].stage_names

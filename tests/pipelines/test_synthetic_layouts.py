@@ -19,7 +19,7 @@ from eeipu_ray.search.synthetic import (
     synthetic_stage_costs,
 )
 
-LAYOUT_NAMES = ["paper", "front4", "back5"]
+LAYOUT_NAMES = ["paper", "front4", "back5", "flat4", "costly3"]
 
 
 def _config(layout: str, seed: int) -> dict[str, dict[str, float]]:

@@ -131,7 +131,7 @@ def test_any_dimension_formulas_match_botorch_at_other_dimensions(ours):
 
 # ------------------------------------------------------------------ layouts
 
-NEW_LAYOUTS = ["front4", "back5"]
+NEW_LAYOUTS = ["front4", "back5", "flat4", "costly3"]
 
 
 def _random_configs(layout: Layout, n: int, seed: int) -> list[dict[str, dict[str, float]]]:
@@ -166,6 +166,8 @@ def test_new_layout_terms_are_botorch_functions_inside_their_domains(name):
     generator = torch.Generator().manual_seed(1)
     for k, stage in enumerate(layout.stages):
         theirs = BOTORCH[stage.term]
+        if theirs.dim != len(stage.keys):  # an any-dimension function at another dimension
+            theirs = type(theirs)(dim=len(stage.keys))
         assert theirs.dim == len(stage.keys)
         lo, hi = stage.bounds
         for d_lo, d_hi in theirs._bounds:  # the stage's box lies in BoTorch's domain
@@ -219,7 +221,14 @@ def test_back5_objective_is_minus_the_sum_of_scaled_terms():
 
 
 @pytest.mark.parametrize(
-    ("name", "dims"), [("paper", [2, 3, 2]), ("front4", [2, 3, 2, 3]), ("back5", [2, 3, 2, 2, 3])]
+    ("name", "dims"),
+    [
+        ("paper", [2, 3, 2]),
+        ("front4", [2, 3, 2, 3]),
+        ("back5", [2, 3, 2, 2, 3]),
+        ("flat4", [3, 2, 2, 3]),
+        ("costly3", [2, 2, 3]),
+    ],
 )
 def test_layout_spaces(name, dims):
     layout = get_layout(name)
@@ -247,6 +256,35 @@ def test_cost_dominance_and_typical_total(name, dominant):
     assert bool((costs > 0).all())
     # The dominant stage's cost varies a lot across configurations (something to exploit).
     assert float(costs[:, dominant].max() / costs[:, dominant].min()) > 10.0
+
+
+def test_flat4_costs_carry_almost_no_information():
+    # Kind (a), deterministic: closed-form costs of seeded draws. By the formula a
+    # stage's most and least expensive configurations differ by at most
+    # (22.5 / 21.5)^2 = 1.095x, so a cost model can tell configurations apart by little.
+    configs = _random_configs(get_layout("flat4"), 256, seed=0)
+    costs = torch.tensor([synthetic_stage_costs(c, "flat4") for c in configs], dtype=torch.double)
+    means = costs.mean(0)
+    assert bool((costs.max(0).values / costs.min(0).values < (22.5 / 21.5) ** 2).all())
+    assert bool(((means > 0.95) & (means < 1.0)).all())
+    assert 3.8 < float(costs.sum(1).mean()) < 4.0
+
+
+def test_costly3_best_configurations_are_the_expensive_ones():
+    # Kind (a), deterministic: every term is minimal at the origin and every cost
+    # term (s cos(h) + t)^2 maximal there; the best tenth of seeded random
+    # configurations costs 1.6x the average (6.1 against 3.9).
+    layout = get_layout("costly3")
+    origin = {s.name: {key: 0.0 for key in s.keys} for s in layout.stages}
+    assert synthetic_objective(origin, "costly3") == pytest.approx(0.0, abs=1e-12)
+    configs = _random_configs(layout, 2000, seed=0)
+    y = torch.tensor([synthetic_objective(c, "costly3") for c in configs], dtype=torch.double)
+    total = torch.tensor(
+        [sum(synthetic_stage_costs(c, "costly3")) for c in configs], dtype=torch.double
+    )
+    assert sum(synthetic_stage_costs(origin, "costly3")) > float(total.max())
+    best = y.argsort(descending=True)[:200]
+    assert float(total[best].mean()) > 1.4 * float(total.mean())
 
 
 @pytest.mark.parametrize("name", ["paper", *NEW_LAYOUTS])
@@ -284,7 +322,9 @@ def test_logistic10():
     ],
 )
 def test_unknown_layout_names_the_value_and_the_known_layouts(call):
-    with pytest.raises(ValueError, match=r"unknown synthetic layout 'nope'.*'back5', 'front4'"):
+    with pytest.raises(
+        ValueError, match=r"unknown synthetic layout 'nope'.*'back5', 'costly3', 'flat4', 'front4'"
+    ):
         call()
 
 

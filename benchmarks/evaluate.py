@@ -1,0 +1,375 @@
+"""Tell methods apart: regret, cost-to-target and paired per-seed t statistics.
+
+Runs the synthetic layouts in-process, without Ray Tune, so that many seeds
+fit on a small machine: each method's searcher (the same objects
+``compare.py`` hands to ``tune.Tuner``: :class:`~eeipu_ray.tune.EEIPUSearcher`,
+MS_BO, LaMBO, Ray's ``OptunaSearch``) is driven through the Tune ``Searcher``
+API one trial at a time, and every trial runs the layout's real pipeline
+through the memoized runner against a fresh local
+:class:`~eeipu_ray.cache.PrefixCache`: a trial that shares a prefix with an
+earlier one loads it (0.1 units per stage) exactly as under Tune. Stage costs
+are declared, so a run's figures do not depend on the machine.
+``compare.py`` runs the same searchers through ``tune.Tuner``; on the same
+seeds the two give the same figures up to the optimizer's floating-point
+nondeterminism.
+
+Figures per layout and method (``OUT.md``):
+
+* ``regret``: the layout's true optimum (``results/synthetic_optima.json``,
+  :mod:`optima`) minus the best objective found within the budget;
+* ``candidates``: trials completed after the warm-up (the paper's BO
+  iterations) and the % relative to EI;
+* cost-to-target: the cost spent when a run first reached EI's median final
+  best (and TPE's), median over seeds, as a fraction of the budget; a run
+  that never reached it counts as infinite (so the median is infinite when
+  at most half the seeds reached it);
+* paired differences: per seed, the focus method's best minus each peer's,
+  their mean and ``t = mean / (sd / sqrt(n))``. ``|t| < 2`` is within the
+  noise of this many seeds.
+
+Seeds 0-9 are for choosing designs, 10-19 for reporting: the tables are
+written per seed set, and a decision must cite only the design seeds.
+Results accumulate in ``OUT.json`` (``--append``; rows are keyed by layout,
+method label and seed, so a run is never repeated), across sessions.
+
+Examples::
+
+    python benchmarks/evaluate.py --layouts paper,front4 --methods eeipu,ei,optuna_tpe \\
+        --seeds 0-9 --append
+    python benchmarks/evaluate.py --methods eeipu --label eeipu-q10 --option top_q=10 \\
+        --seeds 0-9 --append
+    python benchmarks/evaluate.py --report          # rewrite OUT.md from OUT.json
+    python benchmarks/evaluate.py --smoke --out /tmp/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare import METHODS, PIPELINES, engine_options, make_searcher, summarize
+from optima import OPTIMA_FILE, load_optima
+from synthetic_sweep import f, machine_info, mean_se
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LAYOUTS = ("paper", "front4", "back5", "flat4", "costly3")
+SEED_SETS = {"design (seeds 0-9)": range(0, 10), "held-out (seeds 10-19)": range(10, 20)}
+NOISE_T = 2.0  # |t| below this: within the noise
+
+
+# --------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------
+
+
+def paired_t(differences: list[float]) -> tuple[float, float, int]:
+    """``(mean, t, n)`` of per-seed differences; ``t`` is ``nan`` for ``n < 2`` and
+    ``+-inf`` when every difference is the same non-zero number."""
+    n = len(differences)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = statistics.fmean(differences)
+    if n < 2:
+        return mean, math.nan, n
+    sd = statistics.stdev(differences)
+    if sd == 0.0:
+        return mean, (0.0 if mean == 0.0 else math.copysign(math.inf, mean)), n
+    return mean, mean / (sd / math.sqrt(n)), n
+
+
+def cost_to_target(curve: list[list[float]] | list[tuple[float, float]], target: float) -> float:
+    """The cost spent when the best-so-far first reached ``target`` (``inf`` if never)."""
+    for spent, best in curve:
+        if math.isfinite(best) and best >= target:
+            return float(spent)
+    return math.inf
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+# --------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["top_q=10", "refit_growth=0"]`` -> EngineOptions overrides (JSON values)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def run_one(
+    method: str, label: str, layout: str, seed: int, args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
+    """One sequential run of ``method`` on ``layout``; returns its row."""
+    from ray.tune.search import Searcher
+
+    from eeipu_ray.cache import PrefixCache
+
+    spec = PIPELINES[layout]
+    pipeline = spec.build()
+    rundir = workdir / f"{layout}-{label}-s{seed}"
+    cache = PrefixCache(rundir / "cache")
+    searcher, param_space = make_searcher(method, pipeline, spec, seed, args, cache)
+    if param_space is not None:
+        searcher.set_search_properties("score", "max", param_space)
+    log: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    i = 0
+    while True:
+        trial_id = f"t{i:05d}"
+        config = searcher.suggest(trial_id)
+        if config is None or config == Searcher.FINISHED:
+            break
+        run = pipeline.run(config, cache, trial_id=trial_id)
+        result = run.to_result("score")
+        searcher.on_trial_complete(trial_id, result)
+        log.append({"error": False, **result})
+        i += 1
+    wall = time.perf_counter() - start
+    row = summarize(log, method, spec, seed, args)
+    row["method"] = label
+    row["base_method"] = method
+    row["options"] = dict(args.engine_options)
+    row["wall_s"] = wall
+    shutil.rmtree(rundir, ignore_errors=True)
+    return row
+
+
+# --------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------
+
+
+def _rows_of(rows: list[dict[str, Any]], layout: str, seeds: range) -> list[dict[str, Any]]:
+    return [r for r in rows if r["pipeline"] == layout and r["seed"] in seeds]
+
+
+def _methods(rows: list[dict[str, Any]]) -> list[str]:
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted({r["method"] for r in rows}, key=lambda m: (order.get(m, len(order)), m))
+
+
+def _common_seeds(rows: list[dict[str, Any]], methods: list[str]) -> set[int]:
+    seeds = [{r["seed"] for r in rows if r["method"] == m} for m in methods]
+    return set.intersection(*seeds) if seeds else set()
+
+
+def layout_table(rows: list[dict[str, Any]], layout: str, optimum: float | None,
+                 focus: list[str]) -> list[str]:
+    """Per method: regret, candidates, cost-to-target; then the paired comparisons."""
+    methods = _methods(rows)
+    common = _common_seeds(rows, methods)
+    rows = [r for r in rows if r["seed"] in common]
+    if not rows:
+        return ["(no seed run by every method)"]
+    budget = max(r["budget"] for r in rows)
+    targets: dict[str, float] = {}
+    for peer in ("ei", "optuna_tpe"):
+        finals = [r["best"] for r in rows if r["method"] == peer]
+        if finals:
+            targets[peer] = median(finals)
+    ei_cand = mean_se([float(r["candidates"]) for r in rows if r["method"] == "ei"])[0]
+    header = "| method | seeds | best | regret | candidates | vs EI |"
+    rule = "|---|---|---|---|---|---|"
+    for peer in targets:
+        header += f" cost to {peer}'s median best (reached) |"
+        rule += "---|"
+    lines = [header, rule]
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        best = mean_se([r["best"] for r in mine])
+        regret = (
+            mean_se([optimum - r["best"] for r in mine]) if optimum is not None
+            else (math.nan, math.nan)
+        )
+        cand = mean_se([float(r["candidates"]) for r in mine])
+        pct = 100.0 * (cand[0] / ei_cand - 1.0) if ei_cand and ei_cand > 0 else math.nan
+        cells = [m, str(len(mine)), f"{f(best[0], 3)} ± {f(best[1], 3)}",
+                 f"{f(regret[0], 3)} ± {f(regret[1], 3)}", f"{f(cand[0], 1)} ± {f(cand[1], 1)}",
+                 "-" if not math.isfinite(pct) else f"{pct:+.0f}%"]
+        for target in targets.values():
+            costs = [cost_to_target(r["curve"], target) for r in mine]
+            reached = sum(math.isfinite(c) for c in costs)
+            med = median(costs)
+            cells.append(
+                f"{'never' if not math.isfinite(med) else f'{med / budget:.2f} B'} "
+                f"({reached}/{len(costs)})"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    for m in focus:
+        if m not in methods:
+            continue
+        lines += ["", f"Paired per seed, {m}'s best minus each peer's (positive: {m} better; "
+                  f"|t| < {NOISE_T:g}: within the noise):", "",
+                  "| peer | mean difference | t | seeds | verdict |", "|---|---|---|---|---|"]
+        mine = {r["seed"]: r["best"] for r in rows if r["method"] == m}
+        for peer in methods:
+            if peer == m:
+                continue
+            diffs = [mine[r["seed"]] - r["best"] for r in rows
+                     if r["method"] == peer and r["seed"] in mine]
+            mean, t, n = paired_t(diffs)
+            verdict = (
+                "-" if not math.isfinite(t) and math.isnan(t)
+                else "better" if t >= NOISE_T else "worse" if t <= -NOISE_T else "within noise"
+            )
+            lines.append(f"| {peer} | {f(mean, 3)} | {f(t, 2)} | {n} | {verdict} |")
+    return lines
+
+
+def report(rows: list[dict[str, Any]], commands: list[str], machine: dict[str, Any],
+           optima: dict[str, float], focus: list[str], out: Path) -> None:
+    md = [
+        "# Methods told apart: regret, cost-to-target, paired t",
+        "",
+        "Commands (in order; every run appends to the same file):",
+        "",
+        *[f"    {c}" for c in commands],
+        "",
+        f"Machine: {machine.get('cpu_count')} CPUs, {machine.get('platform')}; "
+        + ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items()),
+        "",
+        "In-process runs (no Tune): each method's searcher driven through the Searcher "
+        "API, each trial through the real memoized runner and a fresh local prefix cache; "
+        "declared costs. Regret against the optimum in "
+        f"`{OPTIMA_FILE.relative_to(OPTIMA_FILE.parents[1])}`. "
+        "Tables use only the seeds every method of the layout ran.",
+        "",
+    ]
+    for title, seeds in SEED_SETS.items():
+        present = [lay for lay in PIPELINES if _rows_of(rows, lay, seeds)]
+        if not present:
+            continue
+        md += [f"## {title}", ""]
+        for layout in present:
+            spec = PIPELINES[layout]
+            budgets = sorted({r["budget"] for r in _rows_of(rows, layout, seeds)})
+            md += [f"### {layout}: {spec.description}", "",
+                   f"Budget {', '.join(f'{b:g}' for b in budgets)} {spec.unit} (B); optimum "
+                   f"{f(optima.get(layout), 4)}. Mean ± standard error over seeds.", "",
+                   *layout_table(_rows_of(rows, layout, seeds), layout, optima.get(layout),
+                                 focus), ""]
+    out.with_suffix(".md").write_text("\n".join(md))
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+
+def _seeds(text: str) -> list[int]:
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.partition("-")
+        seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    return seeds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list from {LAYOUTS}")
+    ap.add_argument("--methods", default="eeipu,ei,eips,carbo,optuna_tpe",
+                    help=f"comma list from {METHODS}")
+    ap.add_argument("--label", default=None,
+                    help="name the rows of a single method by this label (ablations)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="EngineOptions override for the engine methods (JSON value)")
+    ap.add_argument("--seeds", default="0-9", help="e.g. 0-9 (design) or 10-19 (held out)")
+    ap.add_argument("--budget", type=float, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--fast", action="store_true", help="small acquisition optimizers")
+    ap.add_argument("--smoke", action="store_true",
+                    help="paper layout, eeipu and ei, seed 0, budget 30, 3 warm-up, --fast")
+    ap.add_argument("--focus", default="eeipu", help="methods compared pairwise with every peer")
+    ap.add_argument("--append", action="store_true", help="add to the rows in OUT.json")
+    ap.add_argument("--report", action="store_true", help="run nothing; rewrite OUT.md")
+    ap.add_argument("--out", default=str(RESULTS / "evaluate_synthetic"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.fast, args.budget, args.warmup = True, args.budget or 30.0, args.warmup or 3
+        args.layouts, args.methods, args.seeds = "paper", "eeipu,ei", "0"
+    args.engine_options = parse_options(args.option)
+    args.keep = False
+    out = Path(args.out)
+    path = out.with_suffix(".json")
+    doc: dict[str, Any] = (
+        json.loads(path.read_text()) if (args.append or args.report) and path.exists()
+        else {"commands": [], "rows": []}
+    )
+    optima = load_optima()
+    focus = args.focus.split(",")
+    if args.report:
+        report(doc["rows"], doc["commands"], doc.get("machine", {}), optima, focus, out)
+        print(f"wrote {out.with_suffix('.md')}")
+        return 0
+    layouts = args.layouts.split(",")
+    methods = args.methods.split(",")
+    bad = [lay for lay in layouts if lay not in LAYOUTS] + [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown layouts or methods: {bad}")
+    if args.label and len(methods) != 1:
+        ap.error("--label names the rows of one method; give one --methods entry")
+    if args.engine_options:
+        try:
+            engine_options(args)  # fail early on a bad key or value
+        except (TypeError, ValueError) as exc:
+            ap.error(f"--option: {exc}")
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    doc["commands"].append(command)
+    doc["machine"] = machine_info()
+    doc["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    done = {(r["pipeline"], r["method"], r["seed"]) for r in doc["rows"]}
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    workdir = Path(tempfile.mkdtemp(prefix="eeipu-evaluate-"))
+    try:
+        for layout in layouts:
+            for seed in _seeds(args.seeds):
+                for method in methods:
+                    label = args.label or method
+                    if (layout, label, seed) in done:
+                        continue
+                    row = run_one(method, label, layout, seed, args, workdir)
+                    doc["rows"].append(row)
+                    regret = optima[layout] - row["best"] if layout in optima else math.nan
+                    print(f"{layout:<8} {label:<14} {seed:>3} trials {row['trials']:>4} "
+                          f"cand {row['candidates']:>4} best {row['best']:>9.4f} "
+                          f"regret {regret:>8.4f} memo {row['memo']:>4} "
+                          f"wall {row['wall_s']:>6.1f}s", flush=True)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".json.tmp")
+                    tmp.write_text(json.dumps(copy.deepcopy(doc), indent=1) + "\n")
+                    os.replace(tmp, path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report(doc["rows"], doc["commands"], doc["machine"], optima, focus, out)
+    print(f"wrote {out.with_suffix('.md')} and {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

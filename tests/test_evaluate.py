@@ -1,0 +1,140 @@
+"""benchmarks/evaluate.py: its statistics, and a small in-process comparison end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_benchmarks_smoke import BENCH, run_script
+
+sys.path.insert(0, str(BENCH))
+
+from evaluate import cost_to_target, paired_t
+from optima import OPTIMA_FILE, load_optima
+
+
+def test_paired_t():
+    mean, t, n = paired_t([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3)
+    assert t == pytest.approx(2.0 / (1.0 / math.sqrt(3)))
+    assert paired_t([-0.5, -0.5])[1] == -math.inf
+    assert paired_t([0.0, 0.0])[1] == 0.0
+    assert math.isnan(paired_t([1.0])[1]) and paired_t([])[2] == 0
+
+
+def test_cost_to_target_is_the_first_cost_at_which_the_best_reaches_it():
+    curve = [(1.0, math.nan), (2.5, -3.0), (4.0, -1.0), (6.0, 0.5)]
+    assert cost_to_target(curve, -1.0) == 4.0
+    assert cost_to_target(curve, -5.0) == 2.5
+    assert cost_to_target(curve, 1.0) == math.inf
+
+
+def test_recorded_optima_are_the_layouts_maxima():
+    from eeipu_ray.search import SearchSpace
+    from eeipu_ray.search.synthetic import LAYOUTS, synthetic_objective, synthetic_space
+
+    optima = load_optima()
+    assert set(optima) == set(LAYOUTS)
+    recorded = json.loads(OPTIMA_FILE.read_text())["layouts"]
+    # Where every term's global minimum lies inside its box, the optimum follows
+    # from the test functions' published minima (BoTorch's, rounded to ~5 digits).
+    from botorch.test_functions import Branin, Hartmann, SixHumpCamel, StyblinskiTang
+
+    six_hump = SixHumpCamel().optimal_value
+    known = {
+        "front4": -six_hump,  # Rosenbrock, Levy, Ackley: 0
+        "back5": -StyblinskiTang(dim=2).optimal_value / 2,  # the other terms: 0
+        "flat4": -(10 * Hartmann(dim=3).optimal_value + Branin().optimal_value + six_hump),
+        "costly3": 0.0,
+    }
+    for name, value in known.items():
+        assert optima[name] == pytest.approx(value, abs=1e-3), name
+    for name, layout in LAYOUTS.items():
+        argmax = recorded[name]["argmax"]
+        assert synthetic_objective(argmax, name) == pytest.approx(optima[name], abs=1e-12)
+        for stage in layout.stages:
+            lo, hi = stage.bounds
+            assert all(lo <= v <= hi for v in argmax[stage.name].values())
+        # A maximum: no random configuration exceeds it.
+        space = SearchSpace.from_tune(synthetic_space(name), stage_order=layout.stage_names)
+        sampled = [synthetic_objective(space.from_unit(x), name) for x in space.sample(512, seed=1)]
+        assert max(sampled) <= optima[name]
+
+
+def test_evaluate_runs_methods_and_reports_paired_statistics(tmp_path: Path):
+    out = tmp_path / "eval"
+    common = ("--layouts", "flat4", "--seeds", "0-1", "--budget", "20", "--warmup", "3")
+    run_script(
+        "evaluate.py", *common, "--methods", "eeipu,ei,optuna_tpe", "--fast", "--out", str(out)
+    )
+    # An ablation appends under its own label, with its option recorded.
+    stdout = run_script(
+        "evaluate.py",
+        *common,
+        "--methods",
+        "eeipu",
+        "--label",
+        "eeipu-q1",
+        "--option",
+        "top_q=1",
+        "--fast",
+        "--append",
+        "--out",
+        str(out),
+    )
+    assert "eeipu-q1" in stdout
+    doc = json.loads(out.with_suffix(".json").read_text())
+    rows = doc["rows"]
+    assert sorted((r["method"], r["seed"]) for r in rows) == sorted(
+        (m, s) for m in ("eeipu", "ei", "optuna_tpe", "eeipu-q1") for s in (0, 1)
+    )
+    optimum = load_optima()["flat4"]
+    for r in rows:
+        assert r["pipeline"] == "flat4" and r["budget"] == 20.0
+        assert r["spent"] >= 20.0 - 4.1  # a trial costs at most 4.02: it stopped on the budget
+        assert r["best"] <= optimum + 1e-9
+    assert [r["options"] for r in rows if r["method"] == "eeipu-q1"] == [{"top_q": 1}] * 2
+    md = out.with_suffix(".md").read_text()
+    assert "## design (seeds 0-9)" in md and "held-out" not in md
+    assert "| eeipu-q1 | 2 |" in md
+    assert "cost to ei's median best (reached)" in md
+    assert "Paired per seed, eeipu's best minus each peer's" in md
+    paired = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in md.split("Paired per seed, eeipu's", 1)[1].splitlines()
+        if line.startswith("| ") and not line.startswith("| peer")
+    ]
+    assert {c[0]: c[3] for c in paired if len(c) == 5} == {
+        "ei": "2",
+        "optuna_tpe": "2",
+        "eeipu-q1": "2",
+    }
+    # Nothing is run twice: a repeat of the first command adds no rows.
+    run_script(
+        "evaluate.py", *common, "--methods", "eeipu,ei", "--fast", "--append", "--out", str(out)
+    )
+    assert len(json.loads(out.with_suffix(".json").read_text())["rows"]) == len(rows)
+
+
+def test_a_bad_option_is_refused_naming_it(tmp_path: Path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "evaluate.py"),
+            "--option",
+            "top_q=-3",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode != 0 and "top_q=-3" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
