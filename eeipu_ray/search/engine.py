@@ -122,6 +122,17 @@ class EngineOptions:
             BO iterations instead of 41, but a worse best objective (-2.80
             against -1.96), so it is not the default.
         warmup_candidates: Candidates per cheap warm-up point.
+        pool_source: Which observations' prefixes enter the prefix pool:
+            ``"all"`` (the top ``top_q`` of every completed trial) or ``"bo"``
+            (of the BO trials only, as the reference implementation: warm-up
+            points never seed the pool).
+        pool_distinct: Take at most one trial per first-stage configuration
+            into the pool (the best of each lineage), so the pool spans
+            ``top_q`` distinct upstream lineages instead of the variants of one.
+        cooling: The cost-cooling schedule of the cooled acquisitions (EEIPU,
+            CArBO): ``"after_warmup"`` (``eta = (B - s) / (B - s_0)``, 1 at the
+            first BO step) or ``"budget"`` (``eta = (B - s) / B``: the budget
+            the warm-up spent counts as cooled already).
         reserve_pending: Count the expected cost of the running trials against
             the budget (:attr:`BOEngine.budget_committed`): with many trials in
             flight, new ones start only while cost charged plus what the
@@ -157,6 +168,9 @@ class EngineOptions:
     warmup_design: str = "sobol"
     warmup_candidates: int = 16
     reserve_pending: bool = True
+    pool_source: str = "all"
+    pool_distinct: bool = False
+    cooling: str = "after_warmup"
 
     def __post_init__(self) -> None:
         get_strategy(self.acquisition)  # raises EngineOptionsError naming the choices
@@ -189,6 +203,16 @@ class EngineOptions:
             or not 0 <= self.refit_growth < math.inf
         ):
             raise EngineOptionsError(f"refit_growth={self.refit_growth!r} must be a number >= 0")
+        if self.pool_source not in ("all", "bo"):
+            raise EngineOptionsError(
+                f"pool_source={self.pool_source!r} is not one of ('all', 'bo')"
+            )
+        if not isinstance(self.pool_distinct, bool):
+            raise EngineOptionsError(f"pool_distinct={self.pool_distinct!r} must be a bool")
+        if self.cooling not in ("after_warmup", "budget"):
+            raise EngineOptionsError(
+                f"cooling={self.cooling!r} is not one of ('after_warmup', 'budget')"
+            )
         if not isinstance(self.reserve_pending, bool):
             raise EngineOptionsError(f"reserve_pending={self.reserve_pending!r} must be a bool")
         if not isinstance(self.cost_model_upstream, bool):
@@ -584,7 +608,7 @@ class BOEngine:
     def pins(self) -> set[str]:
         """Prefix keys the engine means to reuse: proper prefixes of the top-Q trials."""
         keys: set[str] = set()
-        for record in self.store.top(self.options.top_q):
+        for record in self._pool_records(self.store):
             for key in record.prefix_keys[: self.space.n_stages - 1]:
                 if isinstance(key, str):
                     keys.add(key)
@@ -715,7 +739,32 @@ class BOEngine:
         return self._cache.models
 
     def _eta(self, spent: float) -> float:
-        return float(self.strategy.eta(self.options.budget, spent, self._spent_after_warmup))
+        start = self._spent_after_warmup
+        if self.options.cooling == "budget" and start is not None:
+            start = 0.0  # cooled over the whole budget
+        return float(self.strategy.eta(self.options.budget, spent, start))
+
+    def _pool_records(self, store: TrialStore) -> list[TrialRecord]:
+        """The observations whose prefixes seed the prefix pool, best first."""
+        opts = self.options
+        done = store.completed
+        if opts.pool_source == "bo":
+            done = [r for r in done if r.phase == "bo"]
+        order = sorted(range(len(done)), key=lambda i: (-float(done[i].objective or 0.0), i))
+        if not opts.pool_distinct or self.space.n_stages < 2:
+            return [done[i] for i in order[: opts.top_q]]
+        chosen: list[TrialRecord] = []
+        lineages: set[tuple[float, ...]] = set()
+        first = self._prefix_dims[1]
+        for i in order:
+            if len(chosen) >= opts.top_q:
+                break
+            lineage = tuple(round(float(v), 12) for v in done[i].x[first].tolist())
+            if lineage in lineages:
+                continue
+            lineages.add(lineage)
+            chosen.append(done[i])
+        return chosen
 
     def _enter_bo(self) -> None:
         if self._spent_after_warmup is None:
@@ -794,7 +843,7 @@ class BOEngine:
         acqf, cached = self._acquisition(parts, store, available)
 
         if self.strategy.memoization_aware:
-            top = [(r.trial_id, r.x, r.prefix_keys) for r in store.top(opts.top_q)]
+            top = [(r.trial_id, r.x, r.prefix_keys) for r in self._pool_records(store)]
             lookup = store
 
             def is_available(trial_id: str, depth: int, key: str | None) -> bool:

@@ -381,3 +381,63 @@ def test_choices_come_back_as_the_space_objects():
     )
     engine = BOEngine(space, EngineOptions(n_warmup=1, **FAST))
     assert engine.suggest("t0")["a"]["m"] is marker
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"pool_source": "warmup"}, "pool_source"),
+        ({"pool_distinct": 1}, "pool_distinct"),
+        ({"cooling": "linear"}, "cooling"),
+    ],
+)
+def test_bad_pool_and_cooling_options_name_the_option(kwargs, name):
+    with pytest.raises(EngineOptionsError, match=name):
+        EngineOptions(**kwargs)
+
+
+def _observed_engine(**kwargs) -> BOEngine:
+    """An engine past its warm-up, with 4 warm-up and 4 BO trials observed."""
+    engine = _engine(n_warmup=4, top_q=3, **kwargs)
+    for i in range(8):
+        config = engine.suggest(f"t{i}", prefix_keys_of=_keys)
+        engine.on_result(f"t{i}", _result(config))
+    return engine
+
+
+def test_pool_sources_and_distinct_lineages():
+    engine = _observed_engine()
+    everyone = sorted(engine.store.completed, key=lambda r: -r.objective)
+    assert [r.trial_id for r in engine._pool_records(engine.store)] == [
+        r.trial_id for r in everyone[:3]
+    ]
+    engine = _observed_engine(pool_source="bo")
+    bo = sorted((r for r in engine.store.completed if r.phase == "bo"), key=lambda r: -r.objective)
+    assert len(bo) == 4
+    assert [r.trial_id for r in engine._pool_records(engine.store)] == [r.trial_id for r in bo[:3]]
+
+    engine = _observed_engine(pool_distinct=True)
+    # Make every trial share the best trial's first stage but one: the pool keeps
+    # the best of that lineage and the best of the other.
+    records = sorted(engine.store.completed, key=lambda r: -r.objective)
+    best, other = records[0], records[-1]
+    first = engine.space.dims_of_prefix(1)
+    for r in records[1:-1]:
+        r.x[first] = best.x[first]
+    other.x[first] = (best.x[first] + 0.37) % 1.0
+    assert [r.trial_id for r in engine._pool_records(engine.store)] == [
+        best.trial_id,
+        other.trial_id,
+    ]
+
+
+def test_budget_cooling_counts_the_warmup_as_cooled():
+    for cooling in ("after_warmup", "budget"):
+        engine = _engine(n_warmup=3, budget=40.0, cooling=cooling)
+        for i in range(5):
+            config = engine.suggest(f"t{i}", prefix_keys_of=_keys)
+            engine.on_result(f"t{i}", _result(config))
+        start, spent = engine._spent_after_warmup, engine.budget_spent
+        assert start is not None and 0 < start < spent < 40.0
+        expected = (40.0 - spent) / (40.0 - (start if cooling == "after_warmup" else 0.0))
+        assert engine.eta == pytest.approx(expected)
