@@ -64,7 +64,7 @@ from eeipu_ray.search.synthetic import synthetic_stage_costs as paper_stage_cost
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("eeipu", "ei", "optuna-gp", "botorch-ei")
-GOAL_S = 1.0  # the goal: EEIPU under 1 s median at 100 observations
+GOAL_S = 1.0  # the goal: EEIPU under 1 s median at 100 observations
 
 
 # --------------------------------------------------------------------------

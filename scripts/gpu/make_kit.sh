@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds .gpu-kit/ (ignored by git): what a GPU machine without Ray needs to run
-# scripts/gpu/check.sh. The device image this project is lent (nvidia-h200:
+# scripts/gpu/check.sh. A bare GPU image (nvidia-h200:
 # CPython 3.12 with torch, botorch, gpytorch, pyarrow, safetensors, scikit-learn,
 # nvidia-ml-py, pytest) has no Ray, jsonschema or pydantic and reaches no
 # package registry. The Ray wheel (79 MB) is larger than what may travel with the
