@@ -22,7 +22,7 @@ from typing import ClassVar
 from botorch.models.model import ModelList
 from torch import Tensor
 
-from eeipu_ray.search.acquisition import CachedPrefixes, CostAwareLogEI
+from eeipu_ray.search.acquisition import CachedPrefixes, CostAwareLogEI, cost_cooling
 from eeipu_ray.search.errors import EngineOptionsError
 from eeipu_ray.search.models import MarginalGP, SurrogateModels
 
@@ -111,6 +111,14 @@ class AcquisitionStrategy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+class CooledStrategy(AcquisitionStrategy):
+    """A strategy whose cost exponent follows the budget's cost cooling
+    (:func:`~eeipu_ray.search.acquisition.cost_cooling`)."""
+
+    def eta(self, budget: float | None, spent: float, spent_after_warmup: float | None) -> float:
+        return cost_cooling(budget, spent, spent_after_warmup)
 
 
 _REGISTRY: dict[str, type[AcquisitionStrategy]] = {}

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from eeipu_ray.search.acquisition import CostAwareLogEI, LogCArBO, cost_cooling
-from eeipu_ray.search.strategies.base import AcquisitionInputs, AcquisitionStrategy, register
+from eeipu_ray.search.acquisition import CostAwareLogEI, LogCArBO
+from eeipu_ray.search.strategies.base import AcquisitionInputs, CooledStrategy, register
 
 
 @register
-class CArBO(AcquisitionStrategy):
+class CArBO(CooledStrategy):
     """``log EI + eta log E[1/C]``, one total-cost GP (Lee et al., arXiv:2003.10870)."""
 
     name = "carbo"
     needs_total_cost = True
-
-    def eta(self, budget: float | None, spent: float, spent_after_warmup: float | None) -> float:
-        return cost_cooling(budget, spent, spent_after_warmup)
 
     def build(self, inputs: AcquisitionInputs) -> CostAwareLogEI:
         assert inputs.costs.total_cost is not None

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from eeipu_ray.search.acquisition import CostAwareLogEI, LogEEIPU, cost_cooling
-from eeipu_ray.search.strategies.base import AcquisitionInputs, AcquisitionStrategy, register
+from eeipu_ray.search.acquisition import CostAwareLogEI, LogEEIPU
+from eeipu_ray.search.strategies.base import AcquisitionInputs, CooledStrategy, register
 
 
 @register
-class EEIPU(AcquisitionStrategy):
+class EEIPU(CooledStrategy):
     """``log EI + eta log E[1/(eps(delta) + sum_{k >= delta} C_k)]`` over the prefix
     pool, with one cost GP per stage (Essofi et al., arXiv:2411.03731)."""
 
     name = "eeipu"
     needs_stage_costs = True
     memoization_aware = True
-
-    def eta(self, budget: float | None, spent: float, spent_after_warmup: float | None) -> float:
-        return cost_cooling(budget, spent, spent_after_warmup)
 
     def build(self, inputs: AcquisitionInputs) -> CostAwareLogEI:
         assert inputs.costs.stage_costs is not None
