@@ -65,6 +65,8 @@ from compare import METHODS, PIPELINES, engine_options, make_searcher, summarize
 from optima import OPTIMA_FILE, load_optima
 from synthetic_sweep import f, machine_info, mean_se
 
+from eeipu_ray.cli import UsageError, parse_key_values
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = ("paper", "front4", "back5", "flat4", "costly3")
 SEED_SETS = {"design (seeds 0-9)": range(0, 10), "held-out (seeds 10-19)": range(10, 20)}
@@ -106,20 +108,6 @@ def median(values: list[float]) -> float:
 # --------------------------------------------------------------------------
 # One run
 # --------------------------------------------------------------------------
-
-
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["top_q=10", "refit_growth=0"]`` -> EngineOptions overrides (JSON values)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--option {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 def run_one(
@@ -313,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.fast, args.budget, args.warmup = True, args.budget or 30.0, args.warmup or 3
         args.layouts, args.methods, args.seeds = "paper", "eeipu,ei", "0"
-    args.engine_options = parse_options(args.option)
+    try:
+        args.engine_options = parse_key_values(args.option)
+    except UsageError as exc:
+        raise SystemExit(str(exc)) from None
     args.keep = False
     out = Path(args.out)
     path = out.with_suffix(".json")

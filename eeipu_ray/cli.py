@@ -89,7 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from eeipu_ray.pipelines import load_pipeline
 
     try:
-        pipeline = load_pipeline(args.pipeline, **_pipeline_options(args.option))
+        pipeline = load_pipeline(args.pipeline, **parse_key_values(args.option))
     except PipelineDefinitionError as exc:
         raise UsageError(str(exc)) from exc
     if args.num_samples < 0 and args.budget is None:
@@ -315,14 +315,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _pipeline_options(items: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs for the pipeline's builder; a value is read as JSON
-    (numbers, true/false, null, lists) and otherwise kept as a string."""
+def parse_key_values(items: Sequence[str], flag: str = "--option") -> dict[str, Any]:
+    """``["top_q=10", "name=t5"]`` -> ``{"top_q": 10, "name": "t5"}``.
+
+    A value is read as JSON (numbers, true/false, null, lists, quoted strings)
+    and otherwise kept as a string; a key must be a Python name. Raises
+    :class:`UsageError` naming ``flag`` and the item."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.isidentifier():
-            raise UsageError(f"--option {item!r}: expected KEY=VALUE with KEY a Python name")
+            raise UsageError(f"{flag} {item!r}: expected KEY=VALUE with KEY a Python name")
         try:
             options[key] = json.loads(text)
         except json.JSONDecodeError:
