@@ -363,6 +363,9 @@ class RaplMeter(EnergyMeter):
         self._last = [self._read_uj(path) for _, path, _ in zones]
         self._total_uj = 0
         self.devices = tuple(f"cpu:{name}" for name, _, _ in zones)
+        #: Polls that read every zone, and polls that failed (the poller goes on).
+        self.polls = 0
+        self.poll_failures = 0
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         if poll_seconds is not None:
@@ -396,12 +399,21 @@ class RaplMeter(EnergyMeter):
             return self._total_uj
 
     def _poll(self, interval: float) -> None:
+        # A failed read skips one poll; the next one counts what happened since
+        # the last good read (at most one wrap is then seen as one). Warn once
+        # per run of failures, not at every poll.
+        failing = False
         while not self._stop.wait(interval):
             try:
                 self._advance()
             except EnergyMeterError as exc:
-                logger.warning("RAPL poller stopped: %s", exc)
-                return
+                self.poll_failures += 1
+                if not failing:
+                    logger.warning("RAPL poll failed (polling goes on): %s", exc)
+                failing = True
+                continue
+            failing = False
+            self.polls += 1
 
     def joules(self) -> float | None:
         return self._advance() / 1e6

@@ -8,6 +8,7 @@ per-GPU energy counters (millijoules) advance only when a test says so.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,5 +117,9 @@ def fake_powercap(root: Path, packages: dict[int, tuple[int, int]]) -> Path:
     return root
 
 
-def set_uj(root: Path, n: int, energy_uj: int) -> None:
-    (root / f"intel-rapl:{n}" / "energy_uj").write_text(f"{energy_uj}\n")
+def set_uj(root: Path, n: int, energy_uj: int | str) -> None:
+    # Replaced in one step: a sysfs counter read is atomic, never half-written.
+    path = root / f"intel-rapl:{n}" / "energy_uj"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{energy_uj}\n")
+    os.replace(tmp, path)

@@ -125,7 +125,20 @@ def test_rapl_sums_package_zones_and_corrects_wraparound(tmp_path):
     assert reading.source == "rapl" and reading.measured and reading.shared
 
 
+def _two_polls_later(meter: RaplMeter, counter: str = "polls") -> None:
+    """Returns once the poller has finished two more polls: the second began after
+    the caller's last write, so it saw it. Deterministic on a loaded machine; the
+    deadline only guards against a dead poller."""
+    target = getattr(meter, counter) + 2
+    deadline = time.monotonic() + 120.0
+    while getattr(meter, counter) < target:
+        assert time.monotonic() < deadline, f"the RAPL poller made no {counter} in 120 s"
+        time.sleep(0.005)
+
+
 def test_rapl_poller_sees_a_wrap_between_two_reads(tmp_path):
+    # Kind: deterministic. Each counter value is held until the poller has read
+    # it (two finished polls), however slowly the machine runs.
     root = fake_powercap(tmp_path, {0: (0, 10_000_000)})
     with RaplMeter(root, poll_seconds=0.01) as meter:
         span = meter.begin()
@@ -133,8 +146,27 @@ def test_rapl_poller_sees_a_wrap_between_two_reads(tmp_path):
         # values (the two reads alone would see 0 -> 1 J).
         for value in (8_000_000, 3_000_000, 9_000_000, 1_000_000):
             set_uj(root, 0, value)
-            time.sleep(0.12)
+            _two_polls_later(meter)
         assert span.read().joules == pytest.approx(21.0)
+        assert meter.poll_failures == 0
+
+
+def test_rapl_poller_goes_on_after_a_failed_read(tmp_path, caplog):
+    root = fake_powercap(tmp_path, {0: (0, 10_000_000)})
+    with RaplMeter(root, poll_seconds=0.01) as meter:
+        span = meter.begin()
+        set_uj(root, 0, 8_000_000)
+        _two_polls_later(meter)
+        set_uj(root, 0, "not a number")  # a read error: that poll is skipped
+        _two_polls_later(meter, "poll_failures")
+        set_uj(root, 0, 3_000_000)  # wrapped while the counter was unreadable
+        _two_polls_later(meter)
+        set_uj(root, 0, 5_000_000)
+        _two_polls_later(meter)
+        assert span.read().joules == pytest.approx(15.0)  # 8 + 5 (wrap) + 2
+    assert meter.poll_failures >= 2
+    warnings = [r for r in caplog.records if "RAPL poll failed" in r.getMessage()]
+    assert len(warnings) == 1  # once per run of failures, not at every poll
 
 
 def test_rapl_unreadable_or_absent_is_refused_with_the_reason(tmp_path, monkeypatch):
