@@ -132,27 +132,19 @@ def _real(module: str, **kwargs: Any) -> Callable[[], Any]:
     return build
 
 
+SYNTHETIC_LAYOUTS = {
+    "paper": "3 stages (2, 3, 2 dims): -Beale - Hartmann3 - Branin, the paper's costs",
+    "front4": "4 stages, the first dominates the cost",
+    "back5": "5 stages, the last dominates the cost",
+    "flat4": "4 stages of near-uniform cost (costs carry almost no information)",
+    "costly3": "3 stages, the best configurations are the expensive ones",
+}
+
 PIPELINES: dict[str, PipelineSpec] = {
-    "paper": PipelineSpec(
-        "paper", _synthetic("paper"), 200.0, 10, "cost units",
-        "3 stages (2, 3, 2 dims): -Beale - Hartmann3 - Branin, the paper's costs", "synthetic",
-    ),
-    "front4": PipelineSpec(
-        "front4", _synthetic("front4"), 200.0, 10, "cost units",
-        "4 stages, the first dominates the cost", "synthetic",
-    ),
-    "back5": PipelineSpec(
-        "back5", _synthetic("back5"), 200.0, 10, "cost units",
-        "5 stages, the last dominates the cost", "synthetic",
-    ),
-    "flat4": PipelineSpec(
-        "flat4", _synthetic("flat4"), 200.0, 10, "cost units",
-        "4 stages of near-uniform cost (costs carry almost no information)", "synthetic",
-    ),
-    "costly3": PipelineSpec(
-        "costly3", _synthetic("costly3"), 200.0, 10, "cost units",
-        "3 stages, the best configurations are the expensive ones", "synthetic",
-    ),
+    **{
+        name: PipelineSpec(name, _synthetic(name), 200.0, 10, "cost units", text, "synthetic")
+        for name, text in SYNTHETIC_LAYOUTS.items()
+    },
     "stacking": PipelineSpec(
         "stacking", _real("stacking"), 120.0, 8, "s",
         "stacking ensemble (data -> 4 base learners, out-of-fold -> meta learner), "
