@@ -315,17 +315,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def parse_key_values(items: Sequence[str], flag: str = "--option") -> dict[str, Any]:
+def parse_key_values(items: Sequence[str]) -> dict[str, Any]:
     """``["top_q=10", "name=t5"]`` -> ``{"top_q": 10, "name": "t5"}``.
 
     A value is read as JSON (numbers, true/false, null, lists, quoted strings)
     and otherwise kept as a string; a key must be a Python name. Raises
-    :class:`UsageError` naming ``flag`` and the item."""
+    :class:`UsageError` naming the bad item."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.isidentifier():
-            raise UsageError(f"{flag} {item!r}: expected KEY=VALUE with KEY a Python name")
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE with KEY a Python name")
         try:
             options[key] = json.loads(text)
         except json.JSONDecodeError:
