@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import math
 import os
@@ -71,6 +72,34 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = ("paper", "front4", "back5", "flat4", "costly3")
 SEED_SETS = {"design (seeds 0-9)": range(0, 10), "held-out (seeds 10-19)": range(10, 20)}
 NOISE_T = 2.0  # |t| below this: within the noise
+
+
+# --------------------------------------------------------------------------
+# The results file
+# --------------------------------------------------------------------------
+
+
+def _save_row(path: Path, doc: dict[str, Any], row: dict[str, Any], command: str) -> dict[str, Any]:
+    """Add ``row`` to ``path`` and return the file's whole document.
+
+    Several runs may append to one file at once (say a baseline and an
+    ablation on the other core): under an exclusive lock the file is read
+    again and the row merged into what is on disk, so no run's rows are lost.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = json.loads(path.read_text()) if path.exists() else {"commands": [], "rows": []}
+        if command not in disk["commands"]:
+            disk["commands"].append(command)
+        key = (row["pipeline"], row["method"], row["seed"])
+        if all((r["pipeline"], r["method"], r["seed"]) != key for r in disk["rows"]):
+            disk["rows"].append(copy.deepcopy(row))
+        disk["machine"], disk["date"] = doc["machine"], doc["date"]
+        tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(disk, indent=1) + "\n")
+        os.replace(tmp, path)
+    return disk
 
 
 # --------------------------------------------------------------------------
@@ -351,10 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"cand {row['candidates']:>4} best {row['best']:>9.4f} "
                           f"regret {regret:>8.4f} memo {row['memo']:>4} "
                           f"wall {row['wall_s']:>6.1f}s", flush=True)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(".json.tmp")
-                    tmp.write_text(json.dumps(copy.deepcopy(doc), indent=1) + "\n")
-                    os.replace(tmp, path)
+                    doc = _save_row(path, doc, row, command)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report(doc["rows"], doc["commands"], doc["machine"], optima, focus, out)

@@ -14,7 +14,7 @@ from tests.test_benchmarks_smoke import BENCH, run_script
 
 sys.path.insert(0, str(BENCH))
 
-from evaluate import cost_to_target, paired_t
+from evaluate import _save_row, cost_to_target, paired_t
 from optima import OPTIMA_FILE, load_optima
 
 
@@ -25,6 +25,27 @@ def test_paired_t():
     assert paired_t([-0.5, -0.5])[1] == -math.inf
     assert paired_t([0.0, 0.0])[1] == 0.0
     assert math.isnan(paired_t([1.0])[1]) and paired_t([])[2] == 0
+
+
+def test_two_runs_appending_to_one_file_keep_each_others_rows(tmp_path: Path):
+    path = tmp_path / "out.json"
+    meta = {"machine": {"cpus": 2}, "date": "d"}
+
+    def row(method: str, seed: int) -> dict:
+        return {"pipeline": "paper", "method": method, "seed": seed, "best": float(seed)}
+
+    # Each run holds the document it read at its start; neither has the other's rows.
+    first = {**meta, "commands": ["run a"], "rows": []}
+    second = {**meta, "commands": ["run b"], "rows": []}
+    _save_row(path, first, row("ei", 0), "run a")
+    _save_row(path, second, row("eeipu", 0), "run b")
+    doc = _save_row(path, first, row("ei", 1), "run a")
+    _save_row(path, second, row("eeipu", 0), "run b")  # a repeat is not added twice
+    on_disk = json.loads(path.read_text())
+    assert on_disk == doc | {"rows": on_disk["rows"]}
+    keys = [(r["method"], r["seed"]) for r in on_disk["rows"]]
+    assert keys == [("ei", 0), ("eeipu", 0), ("ei", 1)]
+    assert on_disk["commands"] == ["run a", "run b"]
 
 
 def test_cost_to_target_is_the_first_cost_at_which_the_best_reaches_it():

@@ -49,6 +49,7 @@ from eeipu_ray.search.errors import (
     TrialStateError,
 )
 from eeipu_ray.search.models import (
+    WARPINGS,
     FitOptions,
     GPFitter,
     MarginalGP,
@@ -133,6 +134,10 @@ class EngineOptions:
             CArBO): ``"after_warmup"`` (``eta = (B - s) / (B - s_0)``, 1 at the
             first BO step) or ``"budget"`` (``eta = (B - s) / B``: the budget
             the warm-up spent counts as cooled already).
+        objective_warping: A monotone transform of the objectives before the
+            objective GP (:func:`~eeipu_ray.search.models.warp_objective`):
+            ``"none"``, ``"power"`` (Yeo-Johnson) or ``"copula"`` (normal
+            scores of the ranks).
         reserve_pending: Count the expected cost of the running trials against
             the budget (:attr:`BOEngine.budget_committed`): with many trials in
             flight, new ones start only while cost charged plus what the
@@ -171,6 +176,7 @@ class EngineOptions:
     pool_source: str = "all"
     pool_distinct: bool = False
     cooling: str = "after_warmup"
+    objective_warping: str = "none"
 
     def __post_init__(self) -> None:
         get_strategy(self.acquisition)  # raises EngineOptionsError naming the choices
@@ -212,6 +218,10 @@ class EngineOptions:
         if self.cooling not in ("after_warmup", "budget"):
             raise EngineOptionsError(
                 f"cooling={self.cooling!r} is not one of ('after_warmup', 'budget')"
+            )
+        if self.objective_warping not in WARPINGS:
+            raise EngineOptionsError(
+                f"objective_warping={self.objective_warping!r} is not one of {WARPINGS}"
             )
         if not isinstance(self.reserve_pending, bool):
             raise EngineOptionsError(f"reserve_pending={self.reserve_pending!r} must be a bool")
@@ -734,6 +744,7 @@ class BOEngine:
                 or (self.options.warmup_design == "cheap" and not strategy.needs_stage_costs),
                 upstream=self.options.cost_model_upstream,
                 load_prior=self.options.load_cost_prior,
+                warping=self.options.objective_warping,
             )
             self._cache.version = store.version
         return self._cache.models
@@ -930,8 +941,7 @@ class BOEngine:
         self, models: SurrogateModels, store: TrialStore, eta: float
     ) -> _AcquisitionParts:
         """What one BO step's acquisitions share, however many pending points they see."""
-        best_f = max(float(r.objective) for r in store.completed)  # type: ignore[arg-type]
-        return _AcquisitionParts(models, eta, best_f, self.strategy.cost_models(models))
+        return _AcquisitionParts(models, eta, models.best_f, self.strategy.cost_models(models))
 
     def _acquisition(
         self,

@@ -102,12 +102,15 @@ class SurrogateModels:
             every model taking the full ``x``; ``None`` when not needed.
         total_cost: GP of ``log sum_k C_k`` (EIPS / CArBO); ``None`` when not needed.
         load_costs: ``Tensor[K]``, ``eps(delta)`` for ``delta = 0..K-1`` (``eps(0) = 0``).
+        best_f: The incumbent on the objective GP's scale (after the warping,
+            :func:`warp_objective`).
     """
 
     objective: SingleTaskGP
     stage_costs: ModelListGP | None
     total_cost: SingleTaskGP | None
     load_costs: Tensor
+    best_f: float = math.nan
 
 
 class GPFitter:
@@ -385,6 +388,7 @@ def fit_surrogates(
     need_total_cost: bool,
     upstream: bool = True,
     load_prior: float = 0.1,
+    warping: str = "none",
 ) -> SurrogateModels:
     """Fit every model one acquisition step needs, from the trial records.
 
@@ -396,6 +400,8 @@ def fit_surrogates(
         need_total_cost: Fit the total-cost GP (EIPS, CArBO).
         upstream: Stage ``k``'s cost GP sees stages ``0..k`` (else only ``k``).
         load_prior: Prior load cost per stage (see :class:`LoadCostModel`).
+        warping: How the objectives are warped before the objective GP
+            (:func:`warp_objective`).
 
     Returns:
         The fitted :class:`SurrogateModels`.
@@ -408,6 +414,7 @@ def fit_surrogates(
         raise ValueError("no completed trial to fit the objective GP on")
     X = torch.stack([r.x for r in done]).to(torch.double)
     Y = torch.tensor([[float(r.objective)] for r in done], dtype=torch.double)  # type: ignore[arg-type]
+    Y = warp_objective(Y, warping)
     objective = fitter.fit("objective", X, Y)
     n_stages = len(stage_dims)
     d = X.shape[-1]
@@ -431,7 +438,66 @@ def fit_surrogates(
         total_cost = _fit_cost(fitter, "cost/total", Xt, Yt, list(range(d)), d)
 
     load = LoadCostModel.from_records(records, n_stages, prior_per_stage=load_prior)
-    return SurrogateModels(objective, stage_costs, total_cost, load.prefix_costs())
+    return SurrogateModels(
+        objective, stage_costs, total_cost, load.prefix_costs(), best_f=float(Y.max())
+    )
+
+
+WARPINGS = ("none", "power", "copula")
+
+
+def warp_objective(Y: Tensor, warping: str = "none") -> Tensor:
+    r"""A monotone (order-keeping) transform of the objectives before the GP.
+
+    Heavy-tailed objectives (a few configurations hundreds of units worse than
+    the rest) make a GP on standardized values spend its fit on the outliers:
+    the good region, where the search must resolve differences, is flat on the
+    GP's scale and EI follows the variance to the corners. A monotone warping
+    keeps the order of the configurations, so the best one stays the best, and
+    EI is then computed on the warped scale (as HEBO does).
+
+    Args:
+        Y: ``n x 1`` objectives (maximized).
+        warping: ``"none"``; ``"power"``: standardize, then a Yeo-Johnson power
+            transform with its exponent fitted by maximum likelihood (clipped
+            to ``[0, 2]``; 1 is the identity, 2 compresses a long lower tail
+            logarithmically); ``"copula"``: the normal scores of the ranks
+            (``Phi^-1((rank - 1/2) / n)``, ties averaged), which keeps only the
+            order.
+
+    Returns:
+        ``n x 1`` warped objectives (the identity for ``"none"`` or fewer than
+        three distinct values).
+
+    Example:
+        >>> Y = torch.tensor([[-100.0], [-3.0], [-2.0], [-1.0]], dtype=torch.double)
+        >>> W = warp_objective(Y, "power")
+        >>> bool((W.argsort(0) == Y.argsort(0)).all())
+        True
+    """
+    if warping not in WARPINGS:
+        raise ValueError(f"warping={warping!r} is not one of {WARPINGS}")
+    if warping == "none" or torch.unique(Y).numel() < 3:
+        return Y
+    y = Y.reshape(-1).to(torch.double)
+    if warping == "copula":
+        from scipy.stats import norm, rankdata
+
+        ranks = torch.as_tensor(rankdata(y.numpy(), method="average"), dtype=torch.double)
+        scores = norm.ppf(((ranks - 0.5) / y.numel()).numpy())
+        return torch.as_tensor(scores, dtype=Y.dtype).reshape(Y.shape)
+    from scipy.stats import yeojohnson, yeojohnson_normmax
+
+    z = ((y - y.mean()) / y.std()).numpy()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lam = float(yeojohnson_normmax(z))
+    except (ValueError, FloatingPointError):  # no finite maximum: leave the scale alone
+        return Y
+    lam = min(max(lam, 0.0), 2.0) if math.isfinite(lam) else 1.0
+    warped = torch.as_tensor(yeojohnson(z, lmbda=lam), dtype=Y.dtype)
+    return warped.reshape(Y.shape)
 
 
 class MarginalGP(Model):

@@ -389,6 +389,7 @@ def test_choices_come_back_as_the_space_objects():
         ({"pool_source": "warmup"}, "pool_source"),
         ({"pool_distinct": 1}, "pool_distinct"),
         ({"cooling": "linear"}, "cooling"),
+        ({"objective_warping": "log"}, "objective_warping"),
     ],
 )
 def test_bad_pool_and_cooling_options_name_the_option(kwargs, name):
@@ -429,6 +430,23 @@ def test_pool_sources_and_distinct_lineages():
         best.trial_id,
         other.trial_id,
     ]
+
+
+def test_objective_warping_reaches_the_objective_gp_and_the_incumbent():
+    plain = _observed_engine()
+    warped = _observed_engine(objective_warping="copula")
+    # The same warm-up (the warping only changes what the GP sees) ...
+    first = [r.config for r in plain.records[:4]]
+    assert first == [r.config for r in warped.records[:4]]
+    models = warped._models(warped.store)
+    y = models.objective.outcome_transform.untransform(
+        models.objective.train_targets.unsqueeze(-1)
+    )[0].reshape(-1)
+    raw = torch.tensor([float(r.objective) for r in warped.store.completed], dtype=torch.double)
+    # ... and the GP sees the normal scores of their ranks, the incumbent among them.
+    assert torch.equal(y.argsort(), raw.argsort())
+    assert float(y.max()) == pytest.approx(models.best_f)
+    assert models.best_f != pytest.approx(float(raw.max()))
 
 
 def test_budget_cooling_counts_the_warmup_as_cooled():

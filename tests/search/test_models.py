@@ -21,6 +21,7 @@ from eeipu_ray.search.models import (
     MarginalGP,
     fit_surrogates,
     make_kernel,
+    warp_objective,
 )
 from eeipu_ray.search.records import TrialRecord, TrialStatus
 
@@ -256,3 +257,44 @@ def test_missing_cost_observations_warn_and_assume_unit_cost():
         X = torch.rand(3, 1, 1, dtype=torch.double, generator=torch.Generator().manual_seed(0))
         mean = models.stage_costs.models[0].posterior(X).mean
     assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-6)
+
+
+@pytest.mark.parametrize("warping", ["power", "copula"])
+def test_warping_keeps_the_order_and_compresses_a_long_lower_tail(warping):
+    g = torch.Generator().manual_seed(3)
+    good = -torch.rand(30, 1, generator=g, dtype=D) * 3  # in [-3, 0]
+    Y = torch.cat([good, torch.tensor([[-120.0], [-80.0]], dtype=D)])
+    W = warp_objective(Y, warping)
+    assert W.shape == Y.shape
+    assert torch.equal(W.argsort(0), Y.argsort(0))  # monotone: the best stays the best
+    # The share of the standardized range the good points span grows.
+    def spread(v):
+        s = (v - v.mean()) / v.std()
+        return float(s[:30].max() - s[:30].min()) / float(s.max() - s.min())
+    assert spread(W) > 2 * spread(Y)
+
+
+def test_warping_none_and_degenerate_inputs_are_the_identity():
+    Y = torch.tensor([[1.0], [1.0], [2.0]], dtype=D)
+    assert warp_objective(Y, "power") is Y  # two distinct values
+    Z = torch.tensor([[1.0], [5.0], [2.0]], dtype=D)
+    assert warp_objective(Z, "none") is Z
+    with pytest.raises(ValueError, match="warping='log'"):
+        warp_objective(Z, "log")
+
+
+def test_fit_surrogates_warps_the_objective_and_its_incumbent():
+    stage_dims = [[0], [1]]
+    records = [
+        _record(str(i), [0.1 * i, 0.05 * i], y, [1.0, 1.0])
+        for i, y in enumerate([-200.0, -3.0, -2.0, -1.0, -0.5])
+    ]
+    plain = fit_surrogates(GPFitter([0, 0]), records, stage_dims,
+                           need_stage_costs=False, need_total_cost=False)
+    assert plain.best_f == -0.5
+    warped = fit_surrogates(GPFitter([0, 0]), records, stage_dims, need_stage_costs=False,
+                            need_total_cost=False, warping="copula")
+    targets = warped.objective.outcome_transform.untransform(
+        warped.objective.train_targets.unsqueeze(-1))[0].reshape(-1)
+    assert warped.best_f == pytest.approx(float(targets.max()))
+    assert int(targets.argmax()) == 4  # the best record is still the best
