@@ -98,6 +98,7 @@ def test_compare_smoke_every_method(tmp_path: Path) -> None:
         "ei",
         "eips",
         "carbo",
+        "eeipu_gittins",
         "ms_bo",
         "lambo",
         "random",
@@ -117,7 +118,8 @@ def test_compare_smoke_every_method(tmp_path: Path) -> None:
         assert bests == sorted(bests) and bests[-1] == r["best"]  # best so far never drops
         assert r["gain"] == pytest.approx(r["best"] - r["best_warmup"])
     # The engine methods and MS_BO / LaMBO share the Sobol warm-up of a seed.
-    shared = [r for r in rows if r["method"] in ("eeipu", "ei", "eips", "carbo", "ms_bo", "lambo")]
+    engine_like = ("eeipu", "ei", "eips", "carbo", "eeipu_gittins", "ms_bo", "lambo")
+    shared = [r for r in rows if r["method"] in engine_like]
     assert len({round(r["best_warmup"], 9) for r in shared}) == 1
     md = out.with_suffix(".md").read_text()
     assert "## Summary: EEIPU relative to EI, CArBO and EIPS" in md

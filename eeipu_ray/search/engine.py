@@ -80,7 +80,8 @@ from eeipu_ray.search.strategies import (
 
 logger = logging.getLogger(__name__)
 
-ACQUISITIONS = ("eeipu", "ei", "eips", "carbo", "random")  # built in; see search.strategies
+# built in; see search.strategies
+ACQUISITIONS = ("eeipu", "ei", "eips", "carbo", "eeipu_gittins", "random")
 STATE_FORMAT = 1
 _MIN_OBSERVATIONS = 2  # completed trials before the GP is trusted
 _BATCH_RAW_CANDIDATES = 32  # best raw samples per prefix kept as batch candidates
@@ -292,7 +293,8 @@ class Decision:
         source_trial: The trial whose cached prefix the config extends (BO steps
             that reuse a prefix), else ``None``.
         acquisition_value: The chosen candidate's acquisition value, on the
-            acquisition's log scale (``log EI + eta log E[1/C]`` for EEIPU);
+            acquisition's scale (``log EI + eta log E[1/C]`` for EEIPU, the
+            index in standard deviations of the observations for ``eeipu_gittins``);
             ``None`` when no acquisition chose the config.
     """
 

@@ -46,6 +46,7 @@ def test_every_built_in_is_registered_with_what_it_needs():
         "ei": (False, False, False, False, 0.0),
         "eips": (False, False, True, False, 1.0),
         "carbo": (False, False, True, False, 0.5),
+        "eeipu_gittins": (False, True, False, True, 0.5),
         "random": (True, False, False, False, 0.0),
     }
 
