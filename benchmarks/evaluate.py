@@ -259,6 +259,49 @@ def layout_table(rows: list[dict[str, Any]], layout: str, optimum: float | None,
     return lines
 
 
+def _split_variants(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of the main table, and the variant labels reported beside it.
+
+    The main table holds the unlabelled methods that ran every seed the most
+    complete method ran; labelled runs (ablations, ``--label``) and methods
+    run on fewer seeds are variants, each compared on its own seeds.
+    """
+    plain = [r for r in rows if r["method"] == r.get("base_method", r["method"])]
+    seeds = {m: {r["seed"] for r in plain if r["method"] == m} for m in _methods(plain)}
+    widest = max((len(s) for s in seeds.values()), default=0)
+    core = [m for m, s in seeds.items() if len(s) == widest]
+    variants = [m for m in _methods(rows) if m not in core]
+    return [r for r in rows if r["method"] in core], variants
+
+
+def variants_table(rows: list[dict[str, Any]], variants: list[str],
+                   optimum: float | None) -> list[str]:
+    """Each variant against its base method (``eeipu`` for a new acquisition) and EI,
+    paired on the seeds the variant ran."""
+    lines = ["| variant | options | seeds | best | regret | candidates | vs base: mean, t "
+             "| vs ei: mean, t |", "|---|---|---|---|---|---|---|---|"]
+    by = {(r["method"], r["seed"]): r for r in rows}
+    for v in variants:
+        mine = sorted((r for r in rows if r["method"] == v), key=lambda r: r["seed"])
+        base = mine[0].get("base_method", v)
+        if base == v:
+            base = "eeipu"
+        best = mean_se([r["best"] for r in mine])
+        regret = (mean_se([optimum - r["best"] for r in mine]) if optimum is not None
+                  else (math.nan, math.nan))
+        cand = mean_se([float(r["candidates"]) for r in mine])
+        cells = [v, json.dumps(mine[0].get("options") or {}), str(len(mine)),
+                 f"{f(best[0], 3)} ± {f(best[1], 3)}", f"{f(regret[0], 3)} ± {f(regret[1], 3)}",
+                 f"{f(cand[0], 1)} ± {f(cand[1], 1)}"]
+        for peer in (base, "ei"):
+            diffs = [r["best"] - by[(peer, r["seed"])]["best"] for r in mine
+                     if (peer, r["seed"]) in by]
+            mean, t, n = paired_t(diffs)
+            cells.append(f"{peer}: {f(mean, 3)}, t {f(t, 2)} ({n})" if n else f"{peer}: -")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(rows: list[dict[str, Any]], commands: list[str], machine: dict[str, Any],
            optima: dict[str, float], focus: list[str], out: Path) -> None:
     md = [
@@ -275,7 +318,8 @@ def report(rows: list[dict[str, Any]], commands: list[str], machine: dict[str, A
         "API, each trial through the real memoized runner and a fresh local prefix cache; "
         "declared costs. Regret against the optimum in "
         f"`{OPTIMA_FILE.relative_to(OPTIMA_FILE.parents[1])}`. "
-        "Tables use only the seeds every method of the layout ran.",
+        "The main tables use only the seeds every method in them ran; labelled runs "
+        "(ablations) and methods run on fewer seeds are listed as variants below them.",
         "",
     ]
     for title, seeds in SEED_SETS.items():
@@ -286,11 +330,17 @@ def report(rows: list[dict[str, Any]], commands: list[str], machine: dict[str, A
         for layout in present:
             spec = PIPELINES[layout]
             budgets = sorted({r["budget"] for r in _rows_of(rows, layout, seeds)})
+            main, variants = _split_variants(_rows_of(rows, layout, seeds))
             md += [f"### {layout}: {spec.description}", "",
                    f"Budget {', '.join(f'{b:g}' for b in budgets)} {spec.unit} (B); optimum "
                    f"{f(optima.get(layout), 4)}. Mean ± standard error over seeds.", "",
-                   *layout_table(_rows_of(rows, layout, seeds), layout, optima.get(layout),
-                                 focus), ""]
+                   *layout_table(main, layout, optima.get(layout), focus), ""]
+            if variants:
+                md += ["Variants, each paired per seed with its base method and with EI on "
+                       "the seeds it ran (mean difference of the best, variant minus peer; "
+                       f"|t| < {NOISE_T:g}: within the noise):", "",
+                       *variants_table(_rows_of(rows, layout, seeds), variants,
+                                       optima.get(layout)), ""]
     out.with_suffix(".md").write_text("\n".join(md))
 
 

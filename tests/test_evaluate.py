@@ -14,7 +14,7 @@ from tests.test_benchmarks_smoke import BENCH, run_script
 
 sys.path.insert(0, str(BENCH))
 
-from evaluate import _save_row, cost_to_target, paired_t
+from evaluate import _save_row, _split_variants, cost_to_target, paired_t, variants_table
 from optima import OPTIMA_FILE, load_optima
 
 
@@ -46,6 +46,24 @@ def test_two_runs_appending_to_one_file_keep_each_others_rows(tmp_path: Path):
     keys = [(r["method"], r["seed"]) for r in on_disk["rows"]]
     assert keys == [("ei", 0), ("eeipu", 0), ("ei", 1)]
     assert on_disk["commands"] == ["run a", "run b"]
+
+
+def test_ablations_and_partial_methods_are_variants_beside_the_main_table():
+    def row(method: str, seed: int, best: float, base: str | None = None) -> dict:
+        return {"pipeline": "paper", "method": method, "base_method": base or method,
+                "seed": seed, "best": best, "candidates": 10, "options": {}}
+
+    rows = [row("eeipu", s, 1.0 + s) for s in range(4)]
+    rows += [row("ei", s, 0.5 * s) for s in range(4)]
+    rows += [row("eeipu_gittins", s, 2.0 + s) for s in range(2)]  # fewer seeds
+    rows += [row("eeipu-x", s, 1.5 + s, base="eeipu") for s in range(3)]  # an ablation
+    main, variants = _split_variants(rows)
+    assert {r["method"] for r in main} == {"eeipu", "ei"} and len(main) == 8
+    assert variants == ["eeipu_gittins", "eeipu-x"]
+    table = variants_table(rows, variants, optimum=10.0)
+    assert "eeipu: 1.000, t inf (2)" in table[2]  # a new acquisition: against eeipu
+    assert "eeipu: 0.500, t inf (3)" in table[3]  # an ablation: against its base
+    assert "ei:" in table[3] and "(3)" in table[3]
 
 
 def test_cost_to_target_is_the_first_cost_at_which_the_best_reaches_it():
