@@ -269,7 +269,8 @@ def make_searcher(
 
         searcher = EEIPUSearcher(
             pipeline, metric="score", mode="max", budget=budget, cache=cache,
-            acquisition=method, n_warmup=warmup, seed=seed, max_concurrent=1,
+            acquisition=method, n_warmup=warmup, seed=seed,
+            max_concurrent=getattr(args, "workers", 1),
             options=engine_options(args),
         )
         return searcher, None

@@ -154,27 +154,104 @@ def run_one(
     searcher, param_space = make_searcher(method, pipeline, spec, seed, args, cache)
     if param_space is not None:
         searcher.set_search_properties("score", "max", param_space)
-    log: list[dict[str, Any]] = []
     start = time.perf_counter()
-    i = 0
-    while True:
-        trial_id = f"t{i:05d}"
-        config = searcher.suggest(trial_id)
-        if config is None or config == Searcher.FINISHED:
-            break
-        run = pipeline.run(config, cache, trial_id=trial_id)
-        result = run.to_result("score")
-        searcher.on_trial_complete(trial_id, result)
-        log.append({"error": False, **result})
-        i += 1
+    if args.workers > 1:
+        log = _simulate_workers(searcher, pipeline, cache, args.workers, rundir)
+    else:
+        log = []
+        i = 0
+        while True:
+            trial_id = f"t{i:05d}"
+            config = searcher.suggest(trial_id)
+            if config is None or config == Searcher.FINISHED:
+                break
+            run = pipeline.run(config, cache, trial_id=trial_id)
+            result = run.to_result("score")
+            searcher.on_trial_complete(trial_id, result)
+            log.append({"error": False, **result})
+            i += 1
     wall = time.perf_counter() - start
     row = summarize(log, method, spec, seed, args)
     row["method"] = label
     row["base_method"] = method
     row["options"] = dict(args.engine_options)
     row["wall_s"] = wall
+    row["workers"] = args.workers
     shutil.rmtree(rundir, ignore_errors=True)
     return row
+
+
+class _DeferredCache:
+    """One simulated trial's view of the shared prefix cache: it loads what the
+    shared cache holds when the trial starts, and what it stores becomes
+    visible to other trials only when it finishes (:meth:`publish`)."""
+
+    def __init__(self, shared: Any, scratch: Path) -> None:
+        from eeipu_ray.cache import PrefixCache
+
+        self.shared = shared
+        self.scratch = scratch
+        self.own = PrefixCache(scratch)
+        self.keys: list[str] = []
+        self.loaded_from: list[str | None] = []  # producing trial of each hit
+
+    def contains(self, key: str) -> bool:
+        return self.shared.contains(key)
+
+    def load(self, key: str, *, workdir: Any = None) -> Any:
+        hit = self.shared.load(key, workdir=workdir)
+        if hit is not None:
+            self.loaded_from.append(hit.manifest.meta.trial_id)
+        return hit
+
+    def store(self, key: str, value: Any, meta: Any) -> Any:
+        self.keys.append(key)
+        return self.own.store(key, value, meta)
+
+    def publish(self) -> None:
+        for key in self.keys:
+            hit = self.own.load(key)
+            if hit is not None and not self.shared.contains(key):
+                self.shared.store(key, hit.value, hit.manifest.meta)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _simulate_workers(searcher: Any, pipeline: Any, cache: Any, workers: int,
+                      rundir: Path) -> list[dict[str, Any]]:
+    """``workers`` trials at a time in simulated time: each trial lasts what it is
+    charged (its stages' declared costs, loads included), the searcher hears of
+    completions in the order they finish and is asked for a trial whenever a
+    worker is free (as Tune's controller asks). A trial's stage outputs reach
+    the shared cache when it finishes. Returns the log in completion order."""
+    import heapq
+
+    from ray.tune.search import Searcher
+
+    log: list[dict[str, Any]] = []
+    running: list[tuple[float, int, str, dict[str, Any], _DeferredCache]] = []
+    now, i, finished = 0.0, 0, False
+    while True:
+        while not finished and len(running) < workers:
+            trial_id = f"t{i:05d}"
+            config = searcher.suggest(trial_id)
+            if config == Searcher.FINISHED:
+                finished = True
+                break
+            if config is None:
+                break  # nothing now: wait for a completion
+            view = _DeferredCache(cache, rundir / "scratch" / trial_id)
+            result = pipeline.run(config, view, trial_id=trial_id).to_result("score")
+            duration = float(result.get("total_cost") or 0.0)
+            heapq.heappush(running, (now + duration, i, trial_id, result, view))
+            i += 1
+        if not running:
+            break
+        now, _, trial_id, result, view = heapq.heappop(running)
+        view.publish()
+        searcher.on_trial_complete(trial_id, result)
+        log.append({"error": False, **result, "trial_id": trial_id, "finished_at": now,
+                    "loaded_from": list(view.loaded_from)})
+    return log
 
 
 # --------------------------------------------------------------------------
@@ -367,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="EngineOptions override for the engine methods (JSON value)")
     ap.add_argument("--seeds", default="0-9", help="e.g. 0-9 (design) or 10-19 (held out)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="trials at a time, in simulated time (engine methods only)")
     ap.add_argument("--budget", type=float, default=None)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--fast", action="store_true", help="small acquisition optimizers")
@@ -402,6 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     bad = [lay for lay in layouts if lay not in LAYOUTS] + [m for m in methods if m not in METHODS]
     if bad:
         ap.error(f"unknown layouts or methods: {bad}")
+    if args.workers < 1:
+        ap.error("--workers must be >= 1")
+    if args.workers > 1:
+        from compare import ENGINE_METHODS
+
+        serial = [m for m in methods if m not in ENGINE_METHODS]
+        if serial:
+            ap.error(f"--workers > 1 needs engine methods; {serial} run one trial at a time")
     if args.label and len(methods) != 1:
         ap.error("--label names the rows of one method; give one --methods entry")
     if args.engine_options:
@@ -420,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         for layout in layouts:
             for seed in _seeds(args.seeds):
                 for method in methods:
-                    label = args.label or method
+                    label = args.label or (
+                        method if args.workers == 1 else f"{method}-w{args.workers}"
+                    )
                     if (layout, label, seed) in done:
                         continue
                     row = run_one(method, label, layout, seed, args, workdir)

@@ -66,6 +66,37 @@ def test_ablations_and_partial_methods_are_variants_beside_the_main_table():
     assert "ei:" in table[3] and "(3)" in table[3]
 
 
+def test_simulated_workers_overlap_trials_and_publish_prefixes_when_they_finish(tmp_path: Path):
+    import argparse
+
+    from compare import PIPELINES, make_searcher
+    from evaluate import _simulate_workers
+
+    from eeipu_ray.cache import PrefixCache
+
+    spec = PIPELINES["paper"]
+    pipeline = spec.build()
+    cache = PrefixCache(tmp_path / "cache")
+    args = argparse.Namespace(budget=60.0, warmup=4, fast=True, engine_options={}, workers=3)
+    searcher, _ = make_searcher("eeipu", pipeline, spec, 0, args, cache)
+    log = _simulate_workers(searcher, pipeline, cache, 3, tmp_path / "run")
+    finish = {e["trial_id"]: e["finished_at"] for e in log}
+    start = {e["trial_id"]: e["finished_at"] - e["total_cost"] for e in log}
+    assert [e["finished_at"] for e in log] == sorted(finish.values())  # completion order
+    # Three at a time, never more. (Starts are recomputed as finish - cost:
+    # equal to the true start up to rounding, hence the tolerance.)
+    def running_at(t: float) -> int:
+        return sum(start[u] <= t + 1e-9 and t < finish[u] - 1e-9 for u in start)
+
+    assert max(running_at(s0) for s0 in start.values()) == 3
+    # A trial loads only prefixes of trials that had finished when it started.
+    loads = [(e["trial_id"], src) for e in log for src in e["loaded_from"]]
+    assert loads, "no trial reused a prefix"
+    for trial, source in loads:
+        assert source in finish and finish[source] <= start[trial] + 1e-9, (trial, source)
+    assert sum(e["total_cost"] for e in log) >= 60.0
+
+
 def test_cost_to_target_is_the_first_cost_at_which_the_best_reaches_it():
     curve = [(1.0, math.nan), (2.5, -3.0), (4.0, -1.0), (6.0, 0.5)]
     assert cost_to_target(curve, -1.0) == 4.0
