@@ -33,6 +33,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -145,6 +146,12 @@ class LogExpectedInverseCost(torch.nn.Module):
         sampler: Draws joint posterior samples; default: marginal QMC (above).
         mc_samples: Number of QMC samples when ``sampler`` is not given.
         seed: Seed of the base samples.
+        overhead: A fixed cost added to every candidate's (``>= 0``, cost units):
+            what starting any trial costs besides its stages. With 0, a
+            candidate whose costly prefix is cached is charged only its
+            remaining stages, and the ratio ``EI / C`` then favours the
+            cheapest corner of those stages however poor it is; an overhead
+            bounds how much a cheap suffix can multiply ``EI``.
     """
 
     def __init__(
@@ -155,8 +162,12 @@ class LogExpectedInverseCost(torch.nn.Module):
         sampler: MCSampler | None = None,
         mc_samples: int = 512,
         seed: int = 0,
+        overhead: float = 0.0,
     ) -> None:
         super().__init__()
+        if not (math.isfinite(float(overhead)) and float(overhead) >= 0):
+            raise ValueError(f"overhead must be finite and >= 0, got {overhead!r}")
+        self.overhead = float(overhead)
         self.cost_model = cost_model
         self.n_stages = int(cost_model.num_outputs)
         if load_costs is None:
@@ -188,7 +199,9 @@ class LogExpectedInverseCost(torch.nn.Module):
             if self.cached
             else torch.zeros(X.shape[:-1], dtype=torch.long, device=X.device)
         )  # b x 1
-        return _log_expected_inverse_cost(log_costs, delta, self.load_costs.to(X)).squeeze(-1)
+        return _log_expected_inverse_cost(
+            log_costs, delta, self.load_costs.to(X), self.overhead
+        ).squeeze(-1)
 
 
 class CostAwareLogEI(AcquisitionFunction):
@@ -307,6 +320,8 @@ class LogEEIPU(CostAwareLogEI):
         eta: Cost cooling exponent.
         mc_samples: QMC samples of the cost posterior (reference: 1000).
         sampler: Overrides the default sampler.
+        overhead: Fixed cost added to every candidate
+            (:class:`LogExpectedInverseCost`).
     """
 
     def __init__(
@@ -319,6 +334,7 @@ class LogEEIPU(CostAwareLogEI):
         eta: float,
         mc_samples: int = 512,
         sampler: MCSampler | None = None,
+        overhead: float = 0.0,
     ) -> None:
         cost = LogExpectedInverseCost(
             cost_model,
@@ -326,6 +342,7 @@ class LogEEIPU(CostAwareLogEI):
             cached=cached,
             mc_samples=mc_samples,
             sampler=sampler,
+            overhead=overhead,
         )
         super().__init__(model, best_f, cost, eta=eta)
 
@@ -379,18 +396,21 @@ def _marginal_mean_std(model: Model, X: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var.clamp_min(1e-12).sqrt()
 
 
-def _log_expected_inverse_cost(log_costs: Tensor, delta: Tensor, load_costs: Tensor) -> Tensor:
-    r"""``log mean_s 1 / (eps(delta) + sum_{k >= delta} exp(L_sk))``.
+def _log_expected_inverse_cost(
+    log_costs: Tensor, delta: Tensor, load_costs: Tensor, overhead: float = 0.0
+) -> Tensor:
+    r"""``log mean_s 1 / (o + eps(delta) + sum_{k >= delta} exp(L_sk))``.
 
     Args:
         log_costs: ``mc x batch_shape x K`` samples ``L`` of the log stage costs.
         delta: ``LongTensor[batch_shape]``, cached stages per point.
         load_costs: ``Tensor[K]``, ``eps``.
+        overhead: ``o``, a fixed cost of every candidate.
 
     Returns:
         ``Tensor[batch_shape]``.
     """
-    total = suffix_cost(log_costs, delta, load_costs)  # mc x batch
+    total = suffix_cost(log_costs, delta, load_costs) + overhead  # mc x batch
     return torch.log(torch.reciprocal(total.clamp_min(1e-300)).mean(0))
 
 

@@ -139,6 +139,14 @@ class EngineOptions:
             objective GP (:func:`~eeipu_ray.search.models.warp_objective`):
             ``"none"``, ``"power"`` (Yeo-Johnson) or ``"copula"`` (normal
             scores of the ranks).
+        cost_overhead: A fixed cost added to every candidate's cost in the
+            memoization-aware acquisitions, as a fraction of a typical whole
+            run (the sum of the stages' geometric-mean costs). With 0 a
+            candidate that loads a costly prefix is charged only its remaining
+            stages, and EI per unit cost then pulls those stages to their
+            cheapest corner whatever the objective does there; an overhead
+            bounds that pull while a cached prefix still makes a candidate
+            several times cheaper than a full run.
         reserve_pending: Count the expected cost of the running trials against
             the budget (:attr:`BOEngine.budget_committed`): with many trials in
             flight, new ones start only while cost charged plus what the
@@ -178,6 +186,7 @@ class EngineOptions:
     pool_distinct: bool = False
     cooling: str = "after_warmup"
     objective_warping: str = "none"
+    cost_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         get_strategy(self.acquisition)  # raises EngineOptionsError naming the choices
@@ -219,6 +228,14 @@ class EngineOptions:
         if self.cooling not in ("after_warmup", "budget"):
             raise EngineOptionsError(
                 f"cooling={self.cooling!r} is not one of ('after_warmup', 'budget')"
+            )
+        if (
+            isinstance(self.cost_overhead, bool)
+            or not isinstance(self.cost_overhead, int | float)
+            or not 0 <= self.cost_overhead < math.inf
+        ):
+            raise EngineOptionsError(
+                f"cost_overhead={self.cost_overhead!r} must be a finite number >= 0"
             )
         if self.objective_warping not in WARPINGS:
             raise EngineOptionsError(
@@ -968,6 +985,7 @@ class BOEngine:
                 cached=cached,
                 eta=parts.eta,
                 mc_samples=self.options.mc_samples,
+                cost_overhead=self.options.cost_overhead,
             )
         )
         return acqf, cached

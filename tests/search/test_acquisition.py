@@ -112,6 +112,24 @@ def test_deterministic_costs_give_exact_inverse_cost():
     assert float(reuse) == pytest.approx(-math.log(0.25 + 3.0), abs=1e-6)
 
 
+def test_an_overhead_is_added_to_every_candidate_s_cost():
+    log_c = torch.tensor([[1.0, 2.0, 3.0]], dtype=D).log().reshape(1, 1, 3)
+    model = MockModel(MockPosterior(mean=log_c, variance=torch.zeros_like(log_c)))
+    cached = CachedPrefixes({2: torch.tensor([[0.4, 0.6]], dtype=D)}, [[], [0], [0, 1]])
+    X = torch.tensor([[[0.1, 0.1]], [[0.4, 0.6]]], dtype=D)  # fresh (cost 6), reuse (3.25)
+    plain = LogExpectedInverseCost(model, load_costs=EPS, cached=cached, mc_samples=64)
+    padded = LogExpectedInverseCost(
+        model, load_costs=EPS, cached=cached, mc_samples=64, overhead=1.5
+    )
+    got = [float(v) for v in torch.cat([padded(X[:1]), padded(X[1:])])]
+    assert got == pytest.approx([-math.log(7.5), -math.log(4.75)], abs=1e-6)
+    # The overhead narrows what reuse is worth without removing it.
+    gain = float(plain(X[1:]) - plain(X[:1]))
+    assert 0 < got[1] - got[0] < gain
+    with pytest.raises(ValueError, match="overhead"):
+        LogExpectedInverseCost(model, overhead=-1.0)
+
+
 def test_eeipu_with_eta_zero_is_exactly_log_ei():
     X = torch.rand(3, 1, 2, dtype=D)
     log_ei = LogExpectedImprovement(_objective(), best_f=0.5)(X)

@@ -390,6 +390,8 @@ def test_choices_come_back_as_the_space_objects():
         ({"pool_distinct": 1}, "pool_distinct"),
         ({"cooling": "linear"}, "cooling"),
         ({"objective_warping": "log"}, "objective_warping"),
+        ({"cost_overhead": -0.1}, "cost_overhead"),
+        ({"cost_overhead": math.inf}, "cost_overhead"),
     ],
 )
 def test_bad_pool_and_cooling_options_name_the_option(kwargs, name):

@@ -3,6 +3,8 @@ method added as one small class that the engine then runs without changes."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from eeipu_ray.search import BOEngine, EngineOptions, EngineOptionsError
@@ -64,6 +66,28 @@ def test_the_engine_builds_each_strategy_s_acquisition(acquisition, cls):
     acqf, cached = engine._acquisition(parts, engine.store, None)
     assert type(acqf) is cls
     assert (cached is not None) == (acquisition == "eeipu")
+
+
+def test_eeipu_charges_the_overhead_as_a_fraction_of_a_typical_run():
+    from eeipu_ray.search.strategies.base import typical_run_cost
+
+    engine = BOEngine(
+        _space(), EngineOptions(**FAST, acquisition="eeipu", n_warmup=3, cost_overhead=0.5)
+    )
+    for i in range(3):
+        config = engine.suggest(f"t{i}", prefix_keys_of=_keys)
+        engine.on_result(f"t{i}", _result(config))
+    parts = engine._acquisition_parts(engine._models(engine.store), engine.store, engine.eta)
+    acqf, _ = engine._acquisition(parts, engine.store, None)
+    typical = typical_run_cost(parts.costs.stage_costs)
+    # The geometric means of the observed stage costs, summed.
+    observed = [r.stage_compute_costs for r in engine.store.completed]
+    by_hand = sum(
+        math.exp(sum(math.log(c[k]) for c in observed) / len(observed))
+        for k in range(len(observed[0]))
+    )
+    assert typical == pytest.approx(by_hand, rel=1e-9)
+    assert acqf.log_inverse_cost.overhead == pytest.approx(0.5 * typical)
 
 
 def test_unknown_names_and_bad_registrations_are_refused(registry):

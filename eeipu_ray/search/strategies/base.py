@@ -15,6 +15,7 @@ valid.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -58,6 +59,9 @@ class AcquisitionInputs:
             the strategy is memoization-aware.
         eta: The cost exponent of the step (:meth:`AcquisitionStrategy.eta`).
         mc_samples: QMC samples of the cost posterior.
+        cost_overhead: Fixed cost of every candidate, as a fraction of a
+            typical whole run (:func:`typical_run_cost`), for the
+            memoization-aware strategies (``EngineOptions.cost_overhead``).
     """
 
     objective: MarginalGP
@@ -66,6 +70,14 @@ class AcquisitionInputs:
     cached: CachedPrefixes | None
     eta: float
     mc_samples: int
+    cost_overhead: float = 0.0
+
+
+def typical_run_cost(stage_costs: ModelList) -> float:
+    """The cost of a typical whole run: the sum over stages of the geometric mean
+    of their observed costs (each stage GP's mean log cost)."""
+    shifts = [float(getattr(m, "y_shift", 0.0)) for m in stage_costs.models]
+    return float(sum(math.exp(v) for v in shifts)) if shifts else 1.0
 
 
 class AcquisitionStrategy:

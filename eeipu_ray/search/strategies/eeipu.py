@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from eeipu_ray.search.acquisition import CostAwareLogEI, LogEEIPU
-from eeipu_ray.search.strategies.base import AcquisitionInputs, CooledStrategy, register
+from eeipu_ray.search.strategies.base import (
+    AcquisitionInputs,
+    CooledStrategy,
+    register,
+    typical_run_cost,
+)
 
 
 @register
@@ -17,6 +22,7 @@ class EEIPU(CooledStrategy):
 
     def build(self, inputs: AcquisitionInputs) -> CostAwareLogEI:
         assert inputs.costs.stage_costs is not None
+        overhead = inputs.cost_overhead * typical_run_cost(inputs.costs.stage_costs)
         return LogEEIPU(
             inputs.objective,
             inputs.best_f,
@@ -25,4 +31,5 @@ class EEIPU(CooledStrategy):
             inputs.cached,
             eta=inputs.eta,
             mc_samples=inputs.mc_samples,
+            overhead=overhead,
         )

@@ -45,7 +45,12 @@ from botorch.utils.transforms import t_batch_mode_transform
 from torch import Tensor
 
 from eeipu_ray.search.acquisition import CachedPrefixes, _marginal_mean_std, suffix_cost
-from eeipu_ray.search.strategies.base import AcquisitionInputs, CooledStrategy, register
+from eeipu_ray.search.strategies.base import (
+    AcquisitionInputs,
+    CooledStrategy,
+    register,
+    typical_run_cost,
+)
 
 LAMBDA = 0.1
 """Improvement (in standard deviations of the observations) that one typical
@@ -117,8 +122,7 @@ class MemoGittinsIndex(AcquisitionFunction):
         self.eta = float(eta)
         self.lam = float(lam)
         self.y_scale = float(y_scale) if y_scale > 0 else 1.0
-        shifts = [float(getattr(m, "y_shift", 0.0)) for m in getattr(cost_model, "models", [])]
-        self.c_ref = float(torch.tensor(shifts, dtype=torch.double).exp().sum()) if shifts else 1.0
+        self.c_ref = typical_run_cost(cost_model) if hasattr(cost_model, "models") else 1.0
 
     def cost(self, X: Tensor) -> Tensor:
         """``c(x)``: the expected cost of running ``X`` (``b x 1 x d``) now; ``Tensor[b]``."""
