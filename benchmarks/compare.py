@@ -267,10 +267,14 @@ def make_searcher(
     if method in ENGINE_METHODS:
         from eeipu_ray.tune.searcher import EEIPUSearcher
 
+        workers = getattr(args, "workers", 1)
+        # Several workers: the searcher's lookahead as deployed, one proposal at a
+        # time (its "auto" batch size reads wall-clock timings, which would make
+        # a simulated run depend on the machine's speed).
+        concurrency = {"max_concurrent": workers} | ({"batch_size": 1} if workers > 1 else {})
         searcher = EEIPUSearcher(
             pipeline, metric="score", mode="max", budget=budget, cache=cache,
-            acquisition=method, n_warmup=warmup, seed=seed,
-            max_concurrent=getattr(args, "workers", 1),
+            acquisition=method, n_warmup=warmup, seed=seed, **concurrency,
             options=engine_options(args),
         )
         return searcher, None
