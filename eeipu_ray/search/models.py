@@ -488,16 +488,31 @@ def warp_objective(Y: Tensor, warping: str = "none") -> Tensor:
         return torch.as_tensor(scores, dtype=Y.dtype).reshape(Y.shape)
     from scipy.stats import yeojohnson, yeojohnson_normmax
 
+    y = y / y.abs().max()  # finite even for values near the float limits
     z = ((y - y.mean()) / y.std()).numpy()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             lam = float(yeojohnson_normmax(z))
+            warped = torch.as_tensor(
+                yeojohnson(z, lmbda=min(max(lam, 0.0), 2.0) if math.isfinite(lam) else 1.0),
+                dtype=Y.dtype,
+            ).reshape(Y.shape)
     except (ValueError, FloatingPointError):  # no finite maximum: leave the scale alone
         return Y
-    lam = min(max(lam, 0.0), 2.0) if math.isfinite(lam) else 1.0
-    warped = torch.as_tensor(yeojohnson(z, lmbda=lam), dtype=Y.dtype)
-    return warped.reshape(Y.shape)
+    if not _keeps_order(Y, warped):  # rounding merged or swapped values: unusable
+        return Y
+    return warped
+
+
+def _keeps_order(Y: Tensor, W: Tensor) -> bool:
+    """Whether ``W`` is finite and strictly increasing wherever ``Y`` is."""
+    if not bool(torch.isfinite(W).all()):
+        return False
+    order = Y.reshape(-1).argsort()
+    y, w = Y.reshape(-1)[order], W.reshape(-1)[order]
+    rises = y[1:] > y[:-1]
+    return bool((w[1:][rises] > w[:-1][rises]).all() and (w[1:] >= w[:-1]).all())
 
 
 class MarginalGP(Model):

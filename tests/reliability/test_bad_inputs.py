@@ -457,7 +457,7 @@ def test_searcher_options_are_refused_naming_them(kwargs: dict[str, Any], culpri
 STAGES = ("prep", "train")
 
 
-def small_engine(acquisition: str = "eeipu", mode: str = "max") -> BOEngine:
+def small_engine(acquisition: str = "eeipu", mode: str = "max", **extra: Any) -> BOEngine:
     space = SearchSpace.from_tune(
         {"prep": {"x": tune.uniform(0, 1)}, "train": {"y": tune.uniform(0, 1)}},
         stage_order=STAGES,
@@ -473,6 +473,7 @@ def small_engine(acquisition: str = "eeipu", mode: str = "max") -> BOEngine:
         mc_samples=16,
         fit_maxiter_cold=20,
         fit_maxiter_warm=5,
+        **extra,
     )
     return BOEngine(space, options)
 
@@ -571,13 +572,15 @@ def test_trial_ids_must_be_strings(trial_id: Any) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::eeipu_ray.errors.EEIPUWarning")
+@pytest.mark.parametrize("warping", ["power", "none"])
 @pytest.mark.parametrize("acquisition", ["eeipu", "ei", "eips", "carbo"])
-def test_extreme_but_finite_results_never_crash_a_bo_step(acquisition: str) -> None:
+def test_extreme_but_finite_results_never_crash_a_bo_step(acquisition: str, warping: str) -> None:
     """Metrics near the float limits and costs from 1e-320 to 1e308 are valid: the
-    engine proposes a config every time (a random one, with an AcquisitionWarning,
-    where the GP's numbers overflow), and the budget adds up to ``inf``, not an
-    OverflowError."""
-    engine = small_engine(acquisition)
+    engine proposes a config every time, and the budget adds up to ``inf``, not an
+    OverflowError. Unwarped, the GP's numbers overflow and the step proposes a
+    random config with an AcquisitionWarning; the default warping rescales the
+    metrics first (keeping their order), so the GP has finite numbers to fit."""
+    engine = small_engine(acquisition, objective_warping=warping)
     outcomes = [
         (1e308, (1e-320, 1e300)),
         (-1e308, (1e300, 1e-320)),
@@ -596,8 +599,14 @@ def test_extreme_but_finite_results_never_crash_a_bo_step(acquisition: str) -> N
             assert config is not None and set(config) == set(STAGES)
             engine.on_result(f"t{i}", {"score": 2.0, "stage_costs/prep": 1.0})
     assert engine.budget_spent == math.inf
-    # The fallback is announced, never silent.
-    assert any(issubclass(w.category, AcquisitionWarning) for w in caught)
+    fallback = any(issubclass(w.category, AcquisitionWarning) for w in caught)
+    if warping == "none":
+        assert fallback  # the fallback is announced, never silent
+    else:
+        decisions = engine.decisions[len(outcomes):]
+        assert [d.phase for d in decisions] == ["bo", "bo"]
+        # Every BO step that did not fall back chose its config by acquisition.
+        assert fallback or all(d.acquisition_value is not None for d in decisions)
 
 
 def test_searcher_charges_a_failed_trial_its_last_report_as_the_readme_says(

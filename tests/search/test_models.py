@@ -274,6 +274,14 @@ def test_warping_keeps_the_order_and_compresses_a_long_lower_tail(warping):
     assert spread(W) > 2 * spread(Y)
 
 
+def test_warping_near_the_float_limits_keeps_the_order_or_leaves_the_values():
+    Y = torch.tensor([[1e308], [-1e308], [0.0], [1.0], [2.0]], dtype=D)
+    for warping in ("power", "copula"):
+        W = warp_objective(Y, warping)
+        assert bool(torch.isfinite(W).all())
+        assert torch.equal(W.argsort(0), Y.argsort(0)), warping
+
+
 def test_warping_none_and_degenerate_inputs_are_the_identity():
     Y = torch.tensor([[1.0], [1.0], [2.0]], dtype=D)
     assert warp_objective(Y, "power") is Y  # two distinct values
