@@ -8,11 +8,10 @@ import pytest
 import torch
 from botorch.acquisition.analytic import _log_ei_helper
 
-from eeipu_ray.search import BOEngine, EngineOptions
 from eeipu_ray.search.acquisition import CachedPrefixes
 from eeipu_ray.search.models import GPFitter, MarginalGP
 from eeipu_ray.search.strategies.gittins import MemoGittinsIndex, gittins_u
-from tests.search.test_engine import FAST, _keys, _result, _space
+from tests.search.test_strategies import observed_engine
 
 D = torch.double
 
@@ -90,12 +89,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_the_engine_runs_bo_steps_with_it_and_reuses_prefixes():
-    engine = BOEngine(
-        _space(), EngineOptions(**FAST, acquisition="eeipu_gittins", n_warmup=3, budget=10_000.0)
-    )
-    for i in range(7):
-        config = engine.suggest(f"t{i}", prefix_keys_of=_keys)
-        engine.on_result(f"t{i}", _result(config))
+    engine = observed_engine(7, acquisition="eeipu_gittins", budget=10_000.0)
     decisions = [d for d in engine.decisions if d.phase == "bo"]
     assert len(decisions) == 4
     assert all(math.isfinite(d.acquisition_value) for d in decisions)

@@ -53,15 +53,21 @@ def test_every_built_in_is_registered_with_what_it_needs():
     }
 
 
+def observed_engine(trials: int = 3, **options) -> BOEngine:
+    """An engine (3 warm-up points) after ``trials`` suggestions and results."""
+    engine = BOEngine(_space(), EngineOptions(**{**FAST, "n_warmup": 3, **options}))
+    for i in range(trials):
+        config = engine.suggest(f"t{i}", prefix_keys_of=_keys)
+        engine.on_result(f"t{i}", _result(config))
+    return engine
+
+
 @pytest.mark.parametrize(
     ("acquisition", "cls"),
     [("eeipu", LogEEIPU), ("ei", CostAwareLogEI), ("eips", LogEIPS), ("carbo", LogCArBO)],
 )
 def test_the_engine_builds_each_strategy_s_acquisition(acquisition, cls):
-    engine = BOEngine(_space(), EngineOptions(**FAST, acquisition=acquisition, n_warmup=3))
-    for i in range(3):
-        config = engine.suggest(f"t{i}", prefix_keys_of=_keys)
-        engine.on_result(f"t{i}", _result(config))
+    engine = observed_engine(acquisition=acquisition)
     parts = engine._acquisition_parts(engine._models(engine.store), engine.store, engine.eta)
     acqf, cached = engine._acquisition(parts, engine.store, None)
     assert type(acqf) is cls
@@ -71,12 +77,7 @@ def test_the_engine_builds_each_strategy_s_acquisition(acquisition, cls):
 def test_eeipu_charges_the_overhead_as_a_fraction_of_a_typical_run():
     from eeipu_ray.search.strategies.base import typical_run_cost
 
-    engine = BOEngine(
-        _space(), EngineOptions(**FAST, acquisition="eeipu", n_warmup=3, cost_overhead=0.5)
-    )
-    for i in range(3):
-        config = engine.suggest(f"t{i}", prefix_keys_of=_keys)
-        engine.on_result(f"t{i}", _result(config))
+    engine = observed_engine(acquisition="eeipu", cost_overhead=0.5)
     parts = engine._acquisition_parts(engine._models(engine.store), engine.store, engine.eta)
     acqf, _ = engine._acquisition(parts, engine.store, None)
     typical = typical_run_cost(parts.costs.stage_costs)
