@@ -62,7 +62,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import METHODS, PIPELINES, engine_options, make_searcher, summarize
+from compare import (
+    ENGINE_METHODS,
+    METHODS,
+    PIPELINES,
+    engine_options,
+    make_searcher,
+    summarize,
+)
 from optima import OPTIMA_FILE, load_optima
 from synthetic_sweep import f, machine_info, mean_se
 
@@ -142,8 +149,7 @@ def median(values: list[float]) -> float:
 def run_one(
     method: str, label: str, layout: str, seed: int, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Any]:
-    """One sequential run of ``method`` on ``layout``; returns its row."""
-    from ray.tune.search import Searcher
+    """One run of ``method`` on ``layout`` (``args.workers`` trials at a time); its row."""
 
     from eeipu_ray.cache import PrefixCache
 
@@ -155,21 +161,7 @@ def run_one(
     if param_space is not None:
         searcher.set_search_properties("score", "max", param_space)
     start = time.perf_counter()
-    if args.workers > 1:
-        log = _simulate_workers(searcher, pipeline, cache, args.workers, rundir)
-    else:
-        log = []
-        i = 0
-        while True:
-            trial_id = f"t{i:05d}"
-            config = searcher.suggest(trial_id)
-            if config is None or config == Searcher.FINISHED:
-                break
-            run = pipeline.run(config, cache, trial_id=trial_id)
-            result = run.to_result("score")
-            searcher.on_trial_complete(trial_id, result)
-            log.append({"error": False, **result})
-            i += 1
+    log = _simulate_workers(searcher, pipeline, cache, args.workers, rundir)
     wall = time.perf_counter() - start
     row = summarize(log, method, spec, seed, args)
     row["method"] = label
@@ -222,13 +214,14 @@ def _simulate_workers(searcher: Any, pipeline: Any, cache: Any, workers: int,
     charged (its stages' declared costs, loads included), the searcher hears of
     completions in the order they finish and is asked for a trial whenever a
     worker is free (as Tune's controller asks). A trial's stage outputs reach
-    the shared cache when it finishes. Returns the log in completion order."""
+    the shared cache when it finishes (with one worker nothing overlaps, and the
+    trials use the shared cache directly). Returns the log in completion order."""
     import heapq
 
     from ray.tune.search import Searcher
 
     log: list[dict[str, Any]] = []
-    running: list[tuple[float, int, str, dict[str, Any], _DeferredCache]] = []
+    running: list[tuple[float, int, str, dict[str, Any], _DeferredCache | None]] = []
     now, i, finished = 0.0, 0, False
     while True:
         while not finished and len(running) < workers:
@@ -239,18 +232,19 @@ def _simulate_workers(searcher: Any, pipeline: Any, cache: Any, workers: int,
                 break
             if config is None:
                 break  # nothing now: wait for a completion
-            view = _DeferredCache(cache, rundir / "scratch" / trial_id)
-            result = pipeline.run(config, view, trial_id=trial_id).to_result("score")
+            view = _DeferredCache(cache, rundir / "scratch" / trial_id) if workers > 1 else None
+            result = pipeline.run(config, view or cache, trial_id=trial_id).to_result("score")
             duration = float(result.get("total_cost") or 0.0)
             heapq.heappush(running, (now + duration, i, trial_id, result, view))
             i += 1
         if not running:
             break
         now, _, trial_id, result, view = heapq.heappop(running)
-        view.publish()
+        if view is not None:
+            view.publish()
         searcher.on_trial_complete(trial_id, result)
         log.append({"error": False, **result, "trial_id": trial_id, "finished_at": now,
-                    "loaded_from": list(view.loaded_from)})
+                    "loaded_from": list(view.loaded_from) if view is not None else []})
     return log
 
 
@@ -484,8 +478,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         ap.error("--workers must be >= 1")
     if args.workers > 1:
-        from compare import ENGINE_METHODS
-
         serial = [m for m in methods if m not in ENGINE_METHODS]
         if serial:
             ap.error(f"--workers > 1 needs engine methods; {serial} run one trial at a time")

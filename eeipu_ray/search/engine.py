@@ -221,12 +221,7 @@ class EngineOptions:
             )
         if self.num_threads is not None:
             _check_int(self, "num_threads", 1)
-        if (
-            isinstance(self.refit_growth, bool)
-            or not isinstance(self.refit_growth, int | float)
-            or not 0 <= self.refit_growth < math.inf
-        ):
-            raise EngineOptionsError(f"refit_growth={self.refit_growth!r} must be a number >= 0")
+        _check_nonnegative(self, "refit_growth")
         if self.pool_source not in ("all", "bo"):
             raise EngineOptionsError(
                 f"pool_source={self.pool_source!r} is not one of ('all', 'bo')"
@@ -237,14 +232,7 @@ class EngineOptions:
             raise EngineOptionsError(
                 f"cooling={self.cooling!r} is not one of ('after_warmup', 'budget')"
             )
-        if (
-            isinstance(self.cost_overhead, bool)
-            or not isinstance(self.cost_overhead, int | float)
-            or not 0 <= self.cost_overhead < math.inf
-        ):
-            raise EngineOptionsError(
-                f"cost_overhead={self.cost_overhead!r} must be a finite number >= 0"
-            )
+        _check_nonnegative(self, "cost_overhead")
         if self.objective_warping not in WARPINGS:
             raise EngineOptionsError(
                 f"objective_warping={self.objective_warping!r} is not one of {WARPINGS}"
@@ -272,7 +260,6 @@ class _AcquisitionParts:
 
     models: SurrogateModels
     eta: float
-    best_f: float
     costs: CostModels
 
 
@@ -968,7 +955,7 @@ class BOEngine:
         self, models: SurrogateModels, store: TrialStore, eta: float
     ) -> _AcquisitionParts:
         """What one BO step's acquisitions share, however many pending points they see."""
-        return _AcquisitionParts(models, eta, models.best_f, self.strategy.cost_models(models))
+        return _AcquisitionParts(models, eta, self.strategy.cost_models(models))
 
     def _acquisition(
         self,
@@ -980,7 +967,7 @@ class BOEngine:
         pending = store.pending
         X_pending = torch.stack([r.x for r in pending]) if pending else None
         objective = MarginalGP(parts.models.objective, X_pending)  # kriging believer
-        best_f = parts.best_f
+        best_f = parts.models.best_f
         if objective.believed_max is not None:  # the believer's incumbent
             best_f = max(best_f, objective.believed_max)
         strategy = self.strategy
@@ -1058,6 +1045,12 @@ def _check_int(options: EngineOptions, name: str, minimum: int) -> None:
     value = getattr(options, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise EngineOptionsError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+def _check_nonnegative(options: EngineOptions, name: str) -> None:
+    value = getattr(options, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise EngineOptionsError(f"{name}={value!r} must be a finite number >= 0")
 
 
 @contextlib.contextmanager
