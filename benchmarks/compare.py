@@ -158,10 +158,16 @@ PIPELINES: dict[str, PipelineSpec] = {
         "CNN on 8x8 digits (preprocess/augment -> train -> evaluate), validation accuracy",
         "real",
     ),
+    "t5": PipelineSpec(
+        "t5", _real("t5"), 150.0, 6, "s",
+        "T5 teacher fine-tuning -> distillation into a half-depth student in three cached "
+        "segments (the main job's pipeline: tiny T5 from a config, the shipped toy set), "
+        "ROUGE-L on the held-out split", "real",
+    ),
 }
 SUITES = {
     "synthetic": ["paper", "front4", "back5", "flat4", "costly3"],
-    "real": ["stacking", "cnn"],
+    "real": ["stacking", "cnn", "t5"],
     "all": list(PIPELINES),
 }
 

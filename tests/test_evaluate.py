@@ -206,3 +206,38 @@ def test_a_bad_option_is_refused_naming_it(tmp_path: Path):
     )
     assert proc.returncode != 0 and "top_q=-3" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_tune_rows_of_a_real_pipeline_are_reported_without_regret(tmp_path: Path):
+    """``--report --from-compare``: compare.py's rows (t5 has no known optimum)."""
+
+    def row(method: str, seed: int, best: float) -> dict:
+        curve = [[10.0, best - 0.1], [60.0, best]]
+        return {"pipeline": "t5", "method": method, "seed": seed, "budget": 150.0,
+                "best": best, "candidates": 5, "curve": curve}
+
+    rows = [row("eeipu", s, 0.2 + 0.01 * s) for s in range(10, 13)]
+    rows += [row("ei", s, 0.1 + 0.02 * s) for s in range(10, 13)]
+    rows += [row("ei", 0, 0.5)]  # a design seed: reported in its own table
+    source = tmp_path / "compare_real.json"
+    source.write_text(json.dumps({"commands": ["python compare.py"], "rows": rows}))
+    out = tmp_path / "told"
+    run_script("evaluate.py", "--report", "--from-compare", str(source), "--out", str(out),
+               timeout=120)
+    md = out.with_suffix(".md").read_text()
+    assert "Ray Tune runs" in md and "In-process" not in md
+    held_out = md.split("## held-out")[1]
+    assert "| method | seeds | best | candidates |" in held_out  # no regret column
+    assert "optimum" not in held_out.split("|")[0]
+    # eeipu - ei per seed: 0.1 - 0.01 s for s = 10, 11, 12 -> 0.0, -0.01, -0.02
+    assert "| ei | -0.010 |" in held_out
+    assert not (tmp_path / "told.json").exists()  # a report writes no rows
+
+
+def test_from_compare_without_report_is_refused(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "evaluate.py"), "--from-compare", "x.json",
+         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2 and "--from-compare needs --report" in proc.stderr
