@@ -44,7 +44,7 @@ from botorch.models.model import Model
 from botorch.models.transforms.outcome import Standardize
 from botorch.models.utils.gpytorch_modules import get_covar_module_with_dim_scaled_prior
 from botorch.posteriors import Posterior
-from gpytorch.kernels import Kernel, ProductKernel
+from gpytorch.kernels import AdditiveKernel, Kernel, ProductKernel, ScaleKernel
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from linear_operator.utils.errors import NanError, NotPSDError
 from torch import Tensor
@@ -138,6 +138,7 @@ class GPFitter:
         X: Tensor,
         Y: Tensor,
         active_dims: Sequence[int] | None = None,
+        groups: Sequence[Sequence[int]] | None = None,
     ) -> SingleTaskGP:
         """Fit (or refit) the GP called ``name``.
 
@@ -146,6 +147,8 @@ class GPFitter:
             X: ``n x d`` training inputs in the unit cube.
             Y: ``n x 1`` training targets (standardized inside the model).
             active_dims: Cube dimensions the kernel looks at (default: all).
+            groups: Cube dimensions of each stage: the kernel is the stage-additive
+                one (:func:`make_kernel`); ``None``: one joint kernel.
 
         Returns:
             The fitted model in eval mode.
@@ -153,7 +156,7 @@ class GPFitter:
         d = X.shape[-1]
         active = list(range(d)) if active_dims is None else sorted(set(active_dims))
         state = self._states.get(name)
-        model = self._build(X, Y, active, state)
+        model = self._build(X, Y, active, state, groups)
         n, last = X.shape[0], self._fitted_n.get(name)
         if state is not None and last is not None and n < last * (1 + self.options.refit_growth):
             return model.eval()  # same hyperparameters, new data
@@ -175,7 +178,7 @@ class GPFitter:
                 ModelFitWarning,
                 stacklevel=2,
             )
-            model = self._build(X, Y, active, state)
+            model = self._build(X, Y, active, state, groups)
             model.eval()
             return model
         model.eval()
@@ -223,9 +226,10 @@ class GPFitter:
             self._fitted_n[str(name)] = n
 
     def _build(
-        self, X: Tensor, Y: Tensor, active: list[int], state: dict[str, Tensor] | None
+        self, X: Tensor, Y: Tensor, active: list[int], state: dict[str, Tensor] | None,
+        groups: Sequence[Sequence[int]] | None = None,
     ) -> SingleTaskGP:
-        covar = make_kernel(active, self.categories)
+        covar = make_kernel(active, self.categories, groups)
         model = SingleTaskGP(X, Y, covar_module=covar, outcome_transform=Standardize(m=1))
         if state is not None:
             try:
@@ -238,16 +242,35 @@ class GPFitter:
         return model
 
 
-def make_kernel(active_dims: Sequence[int], categories: Sequence[int]) -> Kernel:
+def make_kernel(
+    active_dims: Sequence[int],
+    categories: Sequence[int],
+    groups: Sequence[Sequence[int]] | None = None,
+) -> Kernel:
     """Matern-5/2 ARD on the continuous/ordinal dims times a categorical kernel.
+
+    With ``groups`` (one per stage), the stage-additive kernel
+    ``s_0 k(x, x') + sum_k s_k k_k(x_k, x'_k)``: the joint kernel over
+    ``active_dims`` plus one kernel per stage over that stage's dimensions,
+    each with its own output scale. The joint part keeps every interaction
+    between stages; the stage parts let the model credit a stage with its
+    share of the objective from trials that differ in that stage only.
 
     Args:
         active_dims: Cube dimensions the kernel uses.
         categories: ``n_categories`` per cube dimension (0 if not categorical).
+        groups: Cube dimensions of each stage (stages without one are skipped).
 
     Returns:
         A kernel on full ``... x n x d`` inputs that reads only ``active_dims``.
     """
+    if groups is not None:
+        parts = [list(g) for g in groups if g and set(g) <= set(active_dims)]
+        if len(parts) > 1:
+            return AdditiveKernel(
+                ScaleKernel(make_kernel(active_dims, categories)),
+                *(ScaleKernel(make_kernel(g, categories)) for g in parts),
+            )
     cont = [i for i in active_dims if categories[i] == 0]
     cat = [i for i in active_dims if categories[i] > 0]
     kernels: list[Kernel] = []
@@ -389,6 +412,7 @@ def fit_surrogates(
     upstream: bool = True,
     load_prior: float = 0.1,
     warping: str = "none",
+    kernel: str = "joint",
 ) -> SurrogateModels:
     """Fit every model one acquisition step needs, from the trial records.
 
@@ -402,6 +426,9 @@ def fit_surrogates(
         load_prior: Prior load cost per stage (see :class:`LoadCostModel`).
         warping: How the objectives are warped before the objective GP
             (:func:`warp_objective`).
+        kernel: The objective GP's kernel: ``"joint"`` (one Matern over every
+            dimension) or ``"stage_additive"`` (:func:`make_kernel` with the
+            stages as groups).
 
     Returns:
         The fitted :class:`SurrogateModels`.
@@ -415,7 +442,10 @@ def fit_surrogates(
     X = torch.stack([r.x for r in done]).to(torch.double)
     Y = torch.tensor([[float(r.objective)] for r in done], dtype=torch.double)  # type: ignore[arg-type]
     Y = warp_objective(Y, warping)
-    objective = fitter.fit("objective", X, Y)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
+    groups = stage_dims if kernel == "stage_additive" else None
+    objective = fitter.fit("objective", X, Y, groups=groups)
     n_stages = len(stage_dims)
     d = X.shape[-1]
 
@@ -444,6 +474,7 @@ def fit_surrogates(
 
 
 WARPINGS = ("none", "power", "copula")
+KERNELS = ("joint", "stage_additive")
 
 
 def warp_objective(Y: Tensor, warping: str = "none") -> Tensor:

@@ -390,6 +390,7 @@ def test_choices_come_back_as_the_space_objects():
         ({"pool_distinct": 1}, "pool_distinct"),
         ({"cooling": "linear"}, "cooling"),
         ({"objective_warping": "log"}, "objective_warping"),
+        ({"objective_kernel": "additive"}, "objective_kernel"),
         ({"cost_overhead": -0.1}, "cost_overhead"),
         ({"cost_overhead": math.inf}, "cost_overhead"),
     ],
@@ -449,6 +450,22 @@ def test_objective_warping_reaches_the_objective_gp_and_the_incumbent():
     assert torch.equal(y.argsort(), raw.argsort())
     assert float(y.max()) == pytest.approx(models.best_f)
     assert models.best_f != pytest.approx(float(raw.max()))
+
+
+def test_stage_additive_kernel_reaches_the_objective_gp_and_survives_a_checkpoint():
+    from gpytorch.kernels import AdditiveKernel
+
+    engine = _observed_engine(objective_kernel="stage_additive")
+    gp = engine._models(engine.store).objective
+    assert isinstance(gp.covar_module, AdditiveKernel)
+    assert len(gp.covar_module.kernels) == 1 + sum(1 for dims in engine._stage_dims if dims)
+    restored = _engine(n_warmup=4, top_q=3, objective_kernel="stage_additive")
+    restored.load_state_dict(json.loads(json.dumps(engine.state_dict())))
+    state = restored._cache.fitter.state_dict()["objective"]["params"]
+    assert any("kernels.3" in name for name in state)  # the stage parts' hyperparameters
+    config = restored.suggest("t8", prefix_keys_of=_keys)  # a BO step on the restored fit
+    restored.on_result("t8", _result(config))
+    assert restored.records[-1].phase == "bo"
 
 
 def test_budget_cooling_counts_the_warmup_as_cooled():

@@ -306,3 +306,53 @@ def test_fit_surrogates_warps_the_objective_and_its_incumbent():
         warped.objective.train_targets.unsqueeze(-1))[0].reshape(-1)
     assert warped.best_f == pytest.approx(float(targets.max()))
     assert int(targets.argmax()) == 4  # the best record is still the best
+
+
+def test_stage_additive_kernel_is_the_joint_kernel_plus_one_per_stage():
+    from gpytorch.kernels import AdditiveKernel, ScaleKernel
+
+    groups = [[0, 1], [2], [3]]
+    kernel = make_kernel([0, 1, 2, 3], [0, 0, 3, 0], groups)
+    assert isinstance(kernel, AdditiveKernel) and len(kernel.kernels) == 4
+    assert all(isinstance(k, ScaleKernel) for k in kernel.kernels)
+    joint, *stages = (k.base_kernel for k in kernel.kernels)
+    assert isinstance(joint, ProductKernel)  # the categorical dim 2 stays categorical
+    assert stages[0].active_dims.tolist() == [0, 1]
+    assert isinstance(stages[1], CubeCategoricalKernel) and stages[1].active_dims.tolist() == [2]
+    assert stages[2].active_dims.tolist() == [3]
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(6, 4, generator=g, dtype=D)
+    X[:, 2] = torch.tensor([0.1, 0.4, 0.9, 0.1, 0.6, 0.3], dtype=D)
+    with torch.no_grad():
+        K = kernel(X).to_dense()
+        parts = sum(k(X).to_dense() for k in kernel.kernels)
+        assert torch.allclose(K, parts)
+        # Moving stage 3's dimension leaves every other stage's part unchanged.
+        Y = X.clone()
+        Y[:, 3] = 1.0 - Y[:, 3]
+        for k in kernel.kernels[1:3]:
+            assert torch.equal(k(X, Y).to_dense(), k(X, X).to_dense())
+        last = kernel.kernels[3]
+        assert not torch.allclose(last(X, Y).to_dense(), last(X).to_dense())
+    # One stage only (or none): the plain kernel.
+    assert isinstance(make_kernel([0, 1], [0, 0], [[0, 1]]), MaternKernel)
+
+
+def test_fit_surrogates_stage_additive_kernel_and_its_fast_marginal():
+    from gpytorch.kernels import AdditiveKernel
+
+    X, Y = _data(n=24, d=3)
+    records = [_record(f"t{i}", X[i].tolist(), float(Y[i]), [1.0, 1.0]) for i in range(24)]
+    models = fit_surrogates(
+        GPFitter([0, 0, 0]), records, [[0], [1, 2]], need_stage_costs=False,
+        need_total_cost=False, kernel="stage_additive",
+    )
+    gp = models.objective
+    assert isinstance(gp.covar_module, AdditiveKernel) and len(gp.covar_module.kernels) == 3
+    Xq = torch.rand(10, 1, 3, dtype=D, generator=torch.Generator().manual_seed(2))
+    ref, got = gp.posterior(Xq), MarginalGP(gp).posterior(Xq)
+    assert torch.allclose(got.mean, ref.mean, atol=1e-8)
+    assert torch.allclose(got.variance, ref.variance, rtol=1e-6, atol=1e-10)
+    with pytest.raises(ValueError, match="kernel='sum' is not one of"):
+        fit_surrogates(GPFitter([0, 0, 0]), records, [[0], [1, 2]], need_stage_costs=False,
+                       need_total_cost=False, kernel="sum")
