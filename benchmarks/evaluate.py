@@ -39,6 +39,8 @@ Examples::
     python benchmarks/evaluate.py --methods eeipu --label eeipu-q10 --option top_q=10 \\
         --seeds 0-9 --append
     python benchmarks/evaluate.py --report          # rewrite OUT.md from OUT.json
+    python benchmarks/evaluate.py --report --from-compare benchmarks/results/compare_real.json \
+        --out benchmarks/results/evaluate_real      # the same tables for compare.py's Tune runs
     python benchmarks/evaluate.py --smoke --out /tmp/eval
 """
 
