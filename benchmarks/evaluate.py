@@ -39,7 +39,7 @@ Examples::
     python benchmarks/evaluate.py --methods eeipu --label eeipu-q10 --option top_q=10 \\
         --seeds 0-9 --append
     python benchmarks/evaluate.py --report          # rewrite OUT.md from OUT.json
-    python benchmarks/evaluate.py --report --from-compare benchmarks/results/compare_real.json \
+    python benchmarks/evaluate.py --report --from-compare benchmarks/results/compare_real.json \\
         --out benchmarks/results/evaluate_real      # the same tables for compare.py's Tune runs
     python benchmarks/evaluate.py --smoke --out /tmp/eval
 """
@@ -235,7 +235,8 @@ def _simulate_workers(searcher: Any, pipeline: Any, cache: Any, workers: int,
             if config is None:
                 break  # nothing now: wait for a completion
             view = _DeferredCache(cache, rundir / "scratch" / trial_id) if workers > 1 else None
-            result = pipeline.run(config, view or cache, trial_id=trial_id).to_result("score")
+            target = cache if view is None else view
+            result = pipeline.run(config, target, trial_id=trial_id).to_result("score")
             duration = float(result.get("total_cost") or 0.0)
             heapq.heappush(running, (now + duration, i, trial_id, result, view))
             i += 1
@@ -478,24 +479,22 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         raise SystemExit(str(exc)) from None
     args.keep = False
+    if args.from_compare and not args.report:
+        ap.error("--from-compare needs --report")
     out = Path(args.out)
     path = out.with_suffix(".json")
+    source = Path(args.from_compare) if args.from_compare else path
+    if args.from_compare and not source.is_file():
+        ap.error(f"--from-compare: no such file {source}")
     doc: dict[str, Any] = (
-        json.loads(path.read_text()) if (args.append or args.report) and path.exists()
+        json.loads(source.read_text()) if (args.append or args.report) and source.exists()
         else {"commands": [], "rows": []}
     )
     optima = load_optima()
     focus = args.focus.split(",")
-    if args.from_compare and not args.report:
-        ap.error("--from-compare needs --report")
-    if args.report and args.from_compare:
-        doc = json.loads(Path(args.from_compare).read_text())
-        report(doc["rows"], doc["commands"], doc.get("machine", {}), optima, focus, out,
-               how=TUNED)
-        print(f"wrote {out.with_suffix('.md')}")
-        return 0
     if args.report:
-        report(doc["rows"], doc["commands"], doc.get("machine", {}), optima, focus, out)
+        report(doc["rows"], doc["commands"], doc.get("machine", {}), optima, focus, out,
+               how=TUNED if args.from_compare else IN_PROCESS)
         print(f"wrote {out.with_suffix('.md')}")
         return 0
     layouts = args.layouts.split(",")

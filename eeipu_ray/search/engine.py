@@ -139,20 +139,14 @@ class EngineOptions:
         objective_warping: A monotone transform of the objectives before the
             objective GP (:func:`~eeipu_ray.search.models.warp_objective`):
             ``"power"`` (default: Yeo-Johnson), ``"copula"`` (normal scores of
-            the ranks) or ``"none"``. Measured on the five synthetic layouts
-            (``benchmarks/evaluate.py``, design seeds 0-9, paired per seed
-            against no warping), EEIPU's best rose by 3.95 on front4 (t 3.8)
-            and 8.59 on costly3 (t 4.9), where a few configurations hundreds
-            of units worse than the rest had flattened the GP, and moved
-            within the noise on paper (+0.44), flat4 (-1.02) and back5
-            (-6.14, t -1.4).
+            the ranks) or ``"none"``. Warping keeps a few configurations far
+            worse than the rest from flattening the GP (measurements:
+            ``benchmarks/results/evaluate_synthetic.md``).
         objective_kernel: The objective GP's kernel: ``"joint"`` (one
             Matern-5/2 ARD kernel over every dimension) or ``"stage_additive"``
             (that kernel plus one per stage over the stage's own dimensions,
             :func:`~eeipu_ray.search.models.make_kernel`).
-        cost_overhead: (Default 0: with warping, 0.25 changed EEIPU's best on
-            front4 by -0.18, within the noise, for 16% fewer candidates.)
-            A fixed cost added to every candidate's cost in the
+        cost_overhead: A fixed cost added to every candidate's cost in the
             memoization-aware acquisitions, as a fraction of a typical whole
             run (the sum of the stages' geometric-mean costs). With 0 a
             candidate that loads a costly prefix is charged only its remaining

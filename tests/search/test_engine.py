@@ -400,13 +400,18 @@ def test_bad_pool_and_cooling_options_name_the_option(kwargs, name):
         EngineOptions(**kwargs)
 
 
-def _observed_engine(**kwargs) -> BOEngine:
-    """An engine past its warm-up, with 4 warm-up and 4 BO trials observed."""
-    engine = _engine(n_warmup=4, top_q=3, **kwargs)
-    for i in range(8):
+def observed_engine(trials: int = 3, **options) -> BOEngine:
+    """An engine (3 warm-up points) after ``trials`` suggestions and results."""
+    engine = BOEngine(_space(), EngineOptions(**{**FAST, "n_warmup": 3, **options}))
+    for i in range(trials):
         config = engine.suggest(f"t{i}", prefix_keys_of=_keys)
         engine.on_result(f"t{i}", _result(config))
     return engine
+
+
+def _observed_engine(**kwargs) -> BOEngine:
+    """An engine past its warm-up, with 4 warm-up and 4 BO trials observed."""
+    return observed_engine(8, budget=10_000.0, n_warmup=4, seed=0, top_q=3, **kwargs)
 
 
 def test_pool_sources_and_distinct_lineages():

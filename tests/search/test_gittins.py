@@ -11,7 +11,7 @@ from botorch.acquisition.analytic import _log_ei_helper
 from eeipu_ray.search.acquisition import CachedPrefixes
 from eeipu_ray.search.models import GPFitter, MarginalGP
 from eeipu_ray.search.strategies.gittins import MemoGittinsIndex, gittins_u
-from tests.search.test_strategies import observed_engine
+from tests.search.test_engine import observed_engine
 
 D = torch.double
 

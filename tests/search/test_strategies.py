@@ -18,7 +18,7 @@ from eeipu_ray.search.strategies import (
     register,
 )
 from eeipu_ray.search.strategies import base as strategies_base
-from tests.search.test_engine import FAST, _keys, _result, _space
+from tests.search.test_engine import FAST, _keys, _result, _space, observed_engine
 
 
 @pytest.fixture
@@ -51,15 +51,6 @@ def test_every_built_in_is_registered_with_what_it_needs():
         "eeipu_gittins": (False, True, False, True, 0.5),
         "random": (True, False, False, False, 0.0),
     }
-
-
-def observed_engine(trials: int = 3, **options) -> BOEngine:
-    """An engine (3 warm-up points) after ``trials`` suggestions and results."""
-    engine = BOEngine(_space(), EngineOptions(**{**FAST, "n_warmup": 3, **options}))
-    for i in range(trials):
-        config = engine.suggest(f"t{i}", prefix_keys_of=_keys)
-        engine.on_result(f"t{i}", _result(config))
-    return engine
 
 
 @pytest.mark.parametrize(
