@@ -281,6 +281,9 @@ def test_tune_run_with_eeipu_searcher_stops_early_and_skips_what_does_not_fit(
         max_t=3,
         grace_period=1,
         reduction_factor=2,
+        # Rank by score alone: CPU-seconds vary with the machine's load, and a
+        # rung decision read from them would too.
+        energy_weight=0.0,
         # A 1 MiB "device": the estimate reads the pipeline's constants (image size, ...).
         fits=fits_device_memory(
             functools.partial(cnn.training_memory_bytes, pipeline=pipeline), 2**20
