@@ -154,6 +154,15 @@ class EngineOptions:
             cheapest corner whatever the objective does there; an overhead
             bounds that pull while a cached prefix still makes a candidate
             several times cheaper than a full run.
+        prefix_patience: Stop favouring a cached prefix after this many trials
+            that share it without a new incumbent among them (``None``: never).
+            Such a prefix leaves the pool and is priced as if uncached, so its
+            candidates compete with fresh ones at their full cost; a new
+            incumbent among the trials that share it makes it favoured again.
+            Without a limit, near-uniform stage costs let a cached prefix make
+            a last-stage change several times cheaper than an upstream one,
+            and a search can spend long runs varying only the last stage of a
+            lineage whose upstream stages are poor (:meth:`stale_prefixes`).
         reserve_pending: Count the expected cost of the running trials against
             the budget (:attr:`BOEngine.budget_committed`): with many trials in
             flight, new ones start only while cost charged plus what the
@@ -195,6 +204,7 @@ class EngineOptions:
     objective_warping: str = "power"
     objective_kernel: str = "joint"
     cost_overhead: float = 0.0
+    prefix_patience: int | None = None
 
     def __post_init__(self) -> None:
         get_strategy(self.acquisition)  # raises EngineOptionsError naming the choices
@@ -233,6 +243,8 @@ class EngineOptions:
                 f"cooling={self.cooling!r} is not one of ('after_warmup', 'budget')"
             )
         _check_nonnegative(self, "cost_overhead")
+        if self.prefix_patience is not None:
+            _check_int(self, "prefix_patience", 1)
         if self.objective_kernel not in KERNELS:
             raise EngineOptionsError(
                 f"objective_kernel={self.objective_kernel!r} is not one of {KERNELS}"
@@ -249,6 +261,10 @@ class EngineOptions:
             )
         if not (isinstance(self.load_cost_prior, int | float) and self.load_cost_prior > 0):
             raise EngineOptionsError(f"load_cost_prior={self.load_cost_prior!r} must be > 0")
+
+
+PrefixId = tuple[int, tuple[float, ...]]
+"""A prefix's depth and its stages' cube coordinates (:meth:`BOEngine.stale_prefixes`)."""
 
 
 @dataclass
@@ -796,6 +812,52 @@ class BOEngine:
             chosen.append(done[i])
         return chosen
 
+    def stale_prefixes(self, store: TrialStore | None = None) -> set[PrefixId]:
+        """The cached prefixes the search no longer favours (``prefix_patience``).
+
+        A prefix, ``(depth, values of its stages' cube dimensions)``, is stale
+        once ``prefix_patience`` finished trials that share it came after the
+        last one of them that set a new incumbent (the best objective so far,
+        in the order the trials were suggested). Empty without a patience.
+        """
+        patience = self.options.prefix_patience
+        store = self.store if store is None else store
+        if patience is None or self.space.n_stages < 2:
+            return set()
+        since: dict[PrefixId, int] = {}
+        best = -math.inf
+        for record in store.completed:
+            value = float(record.objective) if record.objective is not None else -math.inf
+            record_set = value > best
+            best = max(best, value)
+            for depth in range(1, self.space.n_stages):
+                ident = _prefix_ident(record.x, self._prefix_dims[depth], depth)
+                since[ident] = 0 if record_set else since.get(ident, 0) + 1
+        return {ident for ident, n in since.items() if n >= patience}
+
+    def _prefix_pool(
+        self,
+        store: TrialStore,
+        available: Callable[[str], bool] | None,
+        stale: Collection[PrefixId] = (),
+    ) -> list[Prefix]:
+        """The prefixes the acquisition is optimized over: the empty one, and for a
+        memoization-aware strategy the available proper prefixes of the pool's
+        trials that are not stale."""
+        if not self.strategy.memoization_aware:
+            return [Prefix(depth=0)]
+        top = [(r.trial_id, r.x, r.prefix_keys) for r in self._pool_records(store)]
+
+        def is_available(trial_id: str, depth: int, key: str | None) -> bool:
+            return _prefix_available(store[trial_id], depth, key, available)
+
+        pool = build_prefix_pool(top, self.space.n_stages, self._prefix_dims, is_available)
+        return [
+            p
+            for p in pool
+            if p.depth == 0 or _prefix_ident(p.x, self._prefix_dims[p.depth], p.depth) not in stale
+        ]
+
     def _enter_bo(self) -> None:
         if self._spent_after_warmup is None:
             self._spent_after_warmup = self.budget_spent
@@ -870,18 +932,10 @@ class BOEngine:
                 store.add_pending(
                     f"__reserved-{step}-{i}", _copy_config(config), self.space.to_unit(config)
                 )
-        acqf, cached = self._acquisition(parts, store, available)
+        stale = self.stale_prefixes(store) if self.strategy.memoization_aware else set()
+        acqf, cached = self._acquisition(parts, store, available, stale)
 
-        if self.strategy.memoization_aware:
-            top = [(r.trial_id, r.x, r.prefix_keys) for r in self._pool_records(store)]
-            lookup = store
-
-            def is_available(trial_id: str, depth: int, key: str | None) -> bool:
-                return _prefix_available(lookup[trial_id], depth, key, available)
-
-            pool = build_prefix_pool(top, self.space.n_stages, self._prefix_dims, is_available)
-        else:
-            pool = [Prefix(depth=0)]
+        pool = self._prefix_pool(store, available, stale)
         try:
             ranked = rank_over_pool(
                 acqf,
@@ -942,7 +996,7 @@ class BOEngine:
             ).all(-1)
             if bool(taken.all()):
                 break
-            acqf_j, cached_j = self._acquisition(parts, work, available)
+            acqf_j, cached_j = self._acquisition(parts, work, available, stale)
             with torch.no_grad():
                 values = acqf_j(X_cand.unsqueeze(-2))
             values = torch.where(
@@ -967,8 +1021,11 @@ class BOEngine:
         parts: _AcquisitionParts,
         store: TrialStore,
         available: Callable[[str], bool] | None,
+        stale: Collection[PrefixId] = (),
     ) -> tuple[CostAwareLogEI, CachedPrefixes | None]:
-        """The acquisition given the pending trials of ``store`` (and its cached prefixes)."""
+        """The acquisition given the pending trials of ``store``, and its cached
+        prefixes. Stale prefixes (:meth:`stale_prefixes`) are priced as uncached;
+        the prefixes returned are all that can be loaded (the planned depth)."""
         pending = store.pending
         X_pending = torch.stack([r.x for r in pending]) if pending else None
         objective = MarginalGP(parts.models.objective, X_pending)  # kriging believer
@@ -977,12 +1034,13 @@ class BOEngine:
             best_f = max(best_f, objective.believed_max)
         strategy = self.strategy
         cached = self._cached_prefixes(store, available) if strategy.memoization_aware else None
+        priced = self._cached_prefixes(store, available, stale) if stale else cached
         acqf = strategy.build(
             AcquisitionInputs(
                 objective=objective,
                 best_f=best_f,
                 costs=parts.costs,
-                cached=cached,
+                cached=priced,
                 eta=parts.eta,
                 mc_samples=self.options.mc_samples,
                 cost_overhead=self.options.cost_overhead,
@@ -1029,12 +1087,17 @@ class BOEngine:
         )
 
     def _cached_prefixes(
-        self, store: TrialStore, available: Callable[[str], bool] | None
+        self,
+        store: TrialStore,
+        available: Callable[[str], bool] | None,
+        exclude: Collection[PrefixId] = (),
     ) -> CachedPrefixes:
         points: dict[int, list[Tensor]] = {}
         for record in store:
             for depth in range(1, self.space.n_stages):
                 key = record.prefix_keys[depth - 1] if len(record.prefix_keys) >= depth else None
+                if exclude and _prefix_ident(record.x, self._prefix_dims[depth], depth) in exclude:
+                    continue
                 if _prefix_available(record, depth, key, available):
                     points.setdefault(depth, []).append(record.x[self._prefix_dims[depth]])
         stacked = {k: torch.stack(v) for k, v in points.items()}
@@ -1098,6 +1161,11 @@ def _memoized(available: Callable[[str], bool] | None) -> Callable[[str], bool] 
         return answers[key]
 
     return lookup
+
+
+def _prefix_ident(x: Tensor, dims: Sequence[int], depth: int) -> PrefixId:
+    """A prefix's identity: its depth and its stages' cube coordinates."""
+    return depth, tuple(round(float(v), 12) for v in x[list(dims)].tolist())
 
 
 def _prefix_available(

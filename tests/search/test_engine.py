@@ -393,6 +393,8 @@ def test_choices_come_back_as_the_space_objects():
         ({"objective_kernel": "additive"}, "objective_kernel"),
         ({"cost_overhead": -0.1}, "cost_overhead"),
         ({"cost_overhead": math.inf}, "cost_overhead"),
+        ({"prefix_patience": 0}, "prefix_patience"),
+        ({"prefix_patience": 2.5}, "prefix_patience"),
     ],
 )
 def test_bad_pool_and_cooling_options_name_the_option(kwargs, name):
@@ -438,6 +440,75 @@ def test_pool_sources_and_distinct_lineages():
         best.trial_id,
         other.trial_id,
     ]
+
+
+def _lineage(prep_n: int, lr: float, w: float) -> dict:
+    return {
+        "prep": {"n": prep_n, "a": 0.5, "tag": "v1"},
+        "train": {"lr": lr, "opt": "sgd"},
+        "eval": {"w": w},
+    }
+
+
+def test_a_prefix_goes_stale_after_patience_trials_without_a_new_incumbent():
+    engine = BOEngine(_space(), EngineOptions(**FAST, n_warmup=2, prefix_patience=2))
+    trials = [  # (prep n, lr, eval w, score)
+        (3, 0.01, 0.1, 1.0),  # the first incumbent
+        (3, 0.01, 0.2, 0.5),  # shares both of its prefixes, no new incumbent
+        (3, 0.10, 0.3, 0.4),  # shares its first stage only
+        (7, 0.10, 0.3, 0.3),  # another lineage
+    ]
+    for i, (n, lr, w, score) in enumerate(trials):
+        config = _lineage(n, lr, w)
+        engine.add_evaluated(f"t{i}", config, _result(config, score=score))
+    x = {r.trial_id: r.x for r in engine.store}
+    first, second = engine.space.dims_of_prefix(1), engine.space.dims_of_prefix(2)
+
+    def ident(trial, depth, dims):
+        return depth, tuple(round(float(v), 12) for v in x[trial][dims].tolist())
+
+    # prep n=3 was shared by two trials after the incumbent set by t0: stale. Its
+    # two-stage prefixes were shared by one trial since (t0's) or only just
+    # started (t2's), and n=7 by one trial: still favoured.
+    assert engine.stale_prefixes() == {ident("t0", 1, first)}
+
+    # The stale prefix leaves the pool; the others stay.
+    pool = engine._prefix_pool(engine.store, None, engine.stale_prefixes())
+    full = engine._prefix_pool(engine.store, None)
+    kept = {ident(p.source_trial, p.depth, engine.space.dims_of_prefix(p.depth)) for p in pool[1:]}
+    assert ident("t0", 1, first) not in kept
+    assert ident("t0", 2, second) in kept and ident("t3", 1, first) in kept
+    assert len(pool) == len(full) - 1
+
+    # A new incumbent among the trials that share it makes it favoured again.
+    config = _lineage(3, 0.5, 0.9)
+    engine.add_evaluated("t4", config, _result(config, score=2.0))
+    assert engine.stale_prefixes() == set()
+
+    # Without a patience nothing goes stale.
+    plain = BOEngine(_space(), EngineOptions(**FAST, n_warmup=2))
+    for record in engine.store.completed:
+        plain.add_evaluated(record.trial_id, record.config, {"score": record.objective})
+    assert plain.stale_prefixes() == set()
+
+
+def test_a_stale_prefix_is_priced_as_uncached_but_still_planned_as_loaded():
+    engine = BOEngine(_space(), EngineOptions(**FAST, n_warmup=2, prefix_patience=1))
+    for i, (n, w, score) in enumerate([(3, 0.1, 1.0), (3, 0.2, 0.5), (8, 0.3, 0.2)]):
+        config = _lineage(n, 0.01, w)
+        engine.add_evaluated(f"t{i}", config, _result(config, score=score))
+    stale = engine.stale_prefixes()
+    assert {depth for depth, _ in stale} == {1, 2}
+    parts = engine._acquisition_parts(engine._models(engine.store), engine.store, 1.0)
+    acqf, cached = engine._acquisition(parts, engine.store, None, stale)
+    # A new last stage on t0's lineage: both its prefixes are cached, and stale.
+    x = engine.space.to_unit(_lineage(3, 0.01, 0.7)).reshape(1, 1, -1)
+    assert int(cached.depth(x)) == 2
+    assert int(acqf.log_inverse_cost.cached.depth(x)) == 0
+    fresh, _ = engine._acquisition(parts, engine.store, None)
+    assert int(fresh.log_inverse_cost.cached.depth(x)) == 2
+    # Priced as a full run, the candidate's acquisition value is lower.
+    assert float(acqf(x)) < float(fresh(x))
 
 
 def test_objective_warping_reaches_the_objective_gp_and_the_incumbent():
