@@ -169,6 +169,8 @@ def run_one(
     row["method"] = label
     row["base_method"] = method
     row["options"] = dict(args.engine_options)
+    if getattr(args, "against", None):
+        row["against"] = args.against
     row["wall_s"] = wall
     row["workers"] = args.workers
     shutil.rmtree(rundir, ignore_errors=True)
@@ -352,14 +354,15 @@ def _split_variants(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
 
 def variants_table(rows: list[dict[str, Any]], variants: list[str],
                    optimum: float | None) -> list[str]:
-    """Each variant against its base method (``eeipu`` for a new acquisition) and EI,
-    paired on the seeds the variant ran."""
+    """Each variant against its base method (``eeipu`` for a new acquisition, or the
+    label its rows name as ``against``: the method with the defaults of the time)
+    and EI, paired on the seeds the variant ran."""
     lines = ["| variant | options | seeds | best | regret | candidates | vs base: mean, t "
              "| vs ei: mean, t |", "|---|---|---|---|---|---|---|---|"]
     by = {(r["method"], r["seed"]): r for r in rows}
     for v in variants:
         mine = sorted((r for r in rows if r["method"] == v), key=lambda r: r["seed"])
-        base = mine[0].get("base_method", v)
+        base = mine[0].get("against") or mine[0].get("base_method", v)
         if base == v:
             base = "eeipu"
         best = mean_se([r["best"] for r in mine])
@@ -425,7 +428,9 @@ def report(rows: list[dict[str, Any]], commands: list[str], machine: dict[str, A
                    + ". Mean ± standard error over seeds.", "",
                    *layout_table(main, layout, optima.get(layout), focus), ""]
             if variants:
-                md += ["Variants, each paired per seed with its base method and with EI on "
+                md += ["Variants, each paired per seed with its base method (the rows its "
+                       "`against` names where it has one: the method under the defaults "
+                       "of the time the variant ran) and with EI on "
                        "the seeds it ran (mean difference of the best, variant minus peer; "
                        f"|t| < {NOISE_T:g}: within the noise):", "",
                        *variants_table(_rows_of(rows, layout, seeds), variants,
@@ -455,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="name the rows of a single method by this label (ablations)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="EngineOptions override for the engine methods (JSON value)")
+    ap.add_argument("--against", default=None, metavar="LABEL",
+                    help="with --label: the rows the variant is paired with (default: its "
+                         "method), e.g. the method's run under the current defaults")
     ap.add_argument("--seeds", default="0-9", help="e.g. 0-9 (design) or 10-19 (held out)")
     ap.add_argument("--workers", type=int, default=1,
                     help="trials at a time, in simulated time (engine methods only)")
@@ -510,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--workers > 1 needs engine methods; {serial} run one trial at a time")
     if args.label and len(methods) != 1:
         ap.error("--label names the rows of one method; give one --methods entry")
+    if args.against and not args.label:
+        ap.error("--against pairs a labelled variant; give --label too")
     if args.engine_options:
         try:
             engine_options(args)  # fail early on a bad key or value

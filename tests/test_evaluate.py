@@ -65,6 +65,13 @@ def test_ablations_and_partial_methods_are_variants_beside_the_main_table():
     assert "eeipu: 0.500, t inf (3)" in table[3]  # an ablation: against its base
     assert "ei:" in table[3] and "(3)" in table[3]
 
+    # A variant run under later defaults names the rows it is paired with.
+    rows += [row("eeipu-new-defaults", s, 3.0 + s) for s in range(4)]
+    rows += [dict(row("eeipu-y", s, 3.25 + s, base="eeipu"), against="eeipu-new-defaults")
+             for s in range(2)]
+    table = variants_table(rows, ["eeipu-y"], optimum=10.0)
+    assert "eeipu-new-defaults: 0.250, t inf (2)" in table[2]
+
 
 def test_simulated_workers_overlap_trials_and_publish_prefixes_when_they_finish(tmp_path: Path):
     import argparse
@@ -205,6 +212,16 @@ def test_a_bad_option_is_refused_naming_it(tmp_path: Path):
         check=False,
     )
     assert proc.returncode != 0 and "top_q=-3" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_against_without_a_label_is_refused(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "evaluate.py"), "--against", "eeipu-x",
+         "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode != 0 and "--against" in proc.stderr
     assert not (tmp_path / "x.json").exists()
 
 

@@ -162,7 +162,9 @@ class EngineOptions:
             Without a limit, near-uniform stage costs let a cached prefix make
             a last-stage change several times cheaper than an upstream one,
             and a search can spend long runs varying only the last stage of a
-            lineage whose upstream stages are poor (:meth:`stale_prefixes`).
+            lineage whose upstream stages are poor (:meth:`BOEngine.stale_prefixes`).
+            Off by default: on the design seeds it did not improve the best
+            found (``benchmarks/results/evaluate_synthetic.md``).
         reserve_pending: Count the expected cost of the running trials against
             the budget (:attr:`BOEngine.budget_committed`): with many trials in
             flight, new ones start only while cost charged plus what the
