@@ -165,6 +165,10 @@ class EngineOptions:
             lineage whose upstream stages are poor (:meth:`BOEngine.stale_prefixes`).
             Off by default: on the design seeds it did not improve the best
             found (``benchmarks/results/evaluate_synthetic.md``).
+        cost_free_every: Every this many BO steps, one step of an acquisition
+            with a cost exponent (EEIPU, CArBO, the Gittins index) ignores cost (``eta = 0``: EI over the
+            prefix pool), so that cheap regions and cached prefixes cannot
+            hold the search for good (``None``: never).
         reserve_pending: Count the expected cost of the running trials against
             the budget (:attr:`BOEngine.budget_committed`): with many trials in
             flight, new ones start only while cost charged plus what the
@@ -207,6 +211,7 @@ class EngineOptions:
     objective_kernel: str = "joint"
     cost_overhead: float = 0.0
     prefix_patience: int | None = None
+    cost_free_every: int | None = None
 
     def __post_init__(self) -> None:
         get_strategy(self.acquisition)  # raises EngineOptionsError naming the choices
@@ -247,6 +252,8 @@ class EngineOptions:
         _check_nonnegative(self, "cost_overhead")
         if self.prefix_patience is not None:
             _check_int(self, "prefix_patience", 1)
+        if self.cost_free_every is not None:
+            _check_int(self, "cost_free_every", 1)
         if self.objective_kernel not in KERNELS:
             raise EngineOptionsError(
                 f"objective_kernel={self.objective_kernel!r} is not one of {KERNELS}"
@@ -925,6 +932,8 @@ class BOEngine:
         opts = self.options
         models = self._models(store)
         eta = self._eta(store.budget_spent)
+        if opts.cost_free_every is not None and (step + 1) % opts.cost_free_every == 0:
+            eta = 0.0
         seed = opts.seed + 7919 * step
         parts = self._acquisition_parts(models, store, eta)
         available = _memoized(available)  # one cache lookup per key and step

@@ -395,6 +395,7 @@ def test_choices_come_back_as_the_space_objects():
         ({"cost_overhead": math.inf}, "cost_overhead"),
         ({"prefix_patience": 0}, "prefix_patience"),
         ({"prefix_patience": 2.5}, "prefix_patience"),
+        ({"cost_free_every": 0}, "cost_free_every"),
     ],
 )
 def test_bad_pool_and_cooling_options_name_the_option(kwargs, name):
@@ -440,6 +441,14 @@ def test_pool_sources_and_distinct_lineages():
         best.trial_id,
         other.trial_id,
     ]
+
+
+def test_every_nth_bo_step_ignores_cost():
+    engine = observed_engine(8, cost_free_every=2)  # 3 warm-up, then BO steps 0-4
+    bo = [d for d in engine.decisions if d.phase == "bo"]
+    assert [d.eta for d in bo] == [1.0, 0.0, 1.0, 0.0, 1.0]
+    plain = observed_engine(5)
+    assert [d.eta for d in plain.decisions if d.phase == "bo"] == [1.0, 1.0]
 
 
 def _lineage(prep_n: int, lr: float, w: float) -> dict:
