@@ -451,6 +451,24 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _merged(paths: list[Path]) -> dict[str, Any]:
+    """The rows and commands of several compare.py result files; a run (pipeline,
+    method, seed) in two of them is an error naming it."""
+    doc: dict[str, Any] = {"commands": [], "rows": [], "machine": {}}
+    seen: dict[tuple[str, str, int], Path] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        doc["machine"] = doc["machine"] or data.get("machine", {})
+        doc["commands"] += [c for c in data.get("commands", []) if c not in doc["commands"]]
+        for row in data["rows"]:
+            key = (row["pipeline"], row["method"], row["seed"])
+            if key in seen:
+                raise ValueError(f"run {key} is in both {seen[key]} and {path}")
+            seen[key] = path
+            doc["rows"].append(row)
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list from {LAYOUTS}")
@@ -474,9 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--focus", default="eeipu", help="methods compared pairwise with every peer")
     ap.add_argument("--append", action="store_true", help="add to the rows in OUT.json")
     ap.add_argument("--report", action="store_true", help="run nothing; rewrite OUT.md")
-    ap.add_argument("--from-compare", default=None, metavar="JSON",
+    ap.add_argument("--from-compare", default=None, nargs="+", metavar="JSON",
                     help="with --report: the rows of compare.py (Tune) runs, e.g. "
-                         "results/compare_real.json, instead of OUT.json")
+                         "results/compare_real.json, instead of OUT.json; several files "
+                         "are merged (methods run on fewer seeds become variants)")
     ap.add_argument("--out", default=str(RESULTS / "evaluate_synthetic"))
     args = ap.parse_args(argv)
     if args.smoke:
@@ -491,13 +510,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--from-compare needs --report")
     out = Path(args.out)
     path = out.with_suffix(".json")
-    source = Path(args.from_compare) if args.from_compare else path
-    if args.from_compare and not source.is_file():
-        ap.error(f"--from-compare: no such file {source}")
-    doc: dict[str, Any] = (
-        json.loads(source.read_text()) if (args.append or args.report) and source.exists()
-        else {"commands": [], "rows": []}
-    )
+    if args.from_compare:
+        missing = [p for p in args.from_compare if not Path(p).is_file()]
+        if missing:
+            ap.error(f"--from-compare: no such file {missing[0]}")
+        try:
+            doc = _merged([Path(p) for p in args.from_compare])
+        except ValueError as exc:
+            ap.error(f"--from-compare: {exc}")
+    else:
+        doc = (json.loads(path.read_text()) if (args.append or args.report) and path.exists()
+               else {"commands": [], "rows": []})
     optima = load_optima()
     focus = args.focus.split(",")
     if args.report:

@@ -250,6 +250,23 @@ def test_tune_rows_of_a_real_pipeline_are_reported_without_regret(tmp_path: Path
     assert "| ei | -0.010 |" in held_out
     assert not (tmp_path / "told.json").exists()  # a report writes no rows
 
+    # Runs split over several files are merged; a method on fewer seeds is a variant.
+    fewer = tmp_path / "compare_fewer.json"
+    fewer.write_text(json.dumps({"commands": ["python compare.py --seeds 2"],
+                                 "rows": [row("carbo", s, 0.3) for s in (10, 11)]}))
+    run_script("evaluate.py", "--report", "--from-compare", str(source), str(fewer),
+               "--out", str(out), timeout=120)
+    held_out = out.with_suffix(".md").read_text().split("## held-out")[1]
+    assert "| ei | -0.010 |" in held_out
+    assert "| carbo | " in held_out.split("Variants")[1]
+    # The same run in two files is refused, naming it.
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "evaluate.py"), "--report", "--from-compare",
+         str(source), str(source), "--out", str(tmp_path / "twice")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 2 and "('t5', 'eeipu', 10)" in proc.stderr
+
 
 def test_from_compare_without_report_is_refused(tmp_path: Path):
     proc = subprocess.run(

@@ -166,9 +166,10 @@ class EngineOptions:
             Off by default: on the design seeds it did not improve the best
             found (``benchmarks/results/evaluate_synthetic.md``).
         cost_free_every: Every this many BO steps, one step of an acquisition
-            with a cost exponent (EEIPU, CArBO, the Gittins index) ignores cost (``eta = 0``: EI over the
-            prefix pool), so that cheap regions and cached prefixes cannot
-            hold the search for good (``None``: never).
+            with a cost exponent (EEIPU, CArBO, the Gittins index) ignores
+            cost (``eta = 0``: EI over the prefix pool), so that cheap regions
+            and cached prefixes cannot hold the search for good (``None``:
+            never).
         reserve_pending: Count the expected cost of the running trials against
             the budget (:attr:`BOEngine.budget_committed`): with many trials in
             flight, new ones start only while cost charged plus what the
