@@ -207,9 +207,9 @@ def test_a_batch_starts_with_the_sequential_proposal_and_spreads_out(
     pending_seen: list[list[dict]] = []
     real_acquisition = engine._acquisition
 
-    def acquisition_spy(parts, store, available):  # type: ignore[no-untyped-def]
+    def acquisition_spy(parts, store, available, *rest):  # type: ignore[no-untyped-def]
         pending_seen.append([r.config for r in store.pending])
-        return real_acquisition(parts, store, available)
+        return real_acquisition(parts, store, available, *rest)
 
     monkeypatch.setattr(engine, "_acquisition", acquisition_spy)
     proposals = batch()
