@@ -169,7 +169,8 @@ class EngineOptions:
             with a cost exponent (EEIPU, CArBO, the Gittins index) ignores
             cost (``eta = 0``: EI over the prefix pool), so that cheap regions
             and cached prefixes cannot hold the search for good (``None``:
-            never).
+            never). Off by default: on the design seeds it did not improve
+            the best found (``benchmarks/results/evaluate_synthetic.md``).
         reserve_pending: Count the expected cost of the running trials against
             the budget (:attr:`BOEngine.budget_committed`): with many trials in
             flight, new ones start only while cost charged plus what the
