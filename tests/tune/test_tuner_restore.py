@@ -114,7 +114,14 @@ def test_killed_driver_resumes_with_budget_and_observations(tmp_path: Path) -> N
     # The pinned prefixes survived the kill: the cache pins exactly the proper
     # prefixes of the resumed search's top trials, and holds every one of them.
     assert before["pinned"], "the searcher had pinned prefixes before the kill"
-    assert pinned_after == final.engine.pins()
+    wanted = final.engine.pins()
+    assert pinned_after == wanted, (
+        f"cache pins not wanted by the resumed search: {sorted(pinned_after - wanted)}; "
+        f"wanted but not pinned: {sorted(wanted - pinned_after)}; the search's records: "
+        f"{[(r.trial_id, r.status.value, r.objective) for r in final.engine.records]}; "
+        f"searcher states: {sorted(os.path.basename(p) for p in glob.glob(str(exp_dir / '*')))}; "
+        f"resumed driver: {resumed.stdout[-1500:]}"
+    )
     assert all(cache.contains(key) for key in pinned_after)
     records = {r.trial_id: r for r in final.engine.records}
     # Every observation from before the kill is still there, unchanged.
