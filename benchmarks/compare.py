@@ -701,30 +701,47 @@ def write_results(out: Path, rows: list[dict[str, Any]], commands: list[str],
     return images
 
 
-def combine(paths: list[Path], out: Path, notes: list[str] | None = None) -> int:
-    """Merge result files (rows, commands) into one report at ``out``; ``notes``
-    (how the runs were made: machine sharing, pinning) are added to the settings."""
+def read_results(paths: list[Path]) -> dict[str, Any]:
+    """The rows, commands, machine and settings of several result files, merged.
+
+    Raises:
+        ValueError: two files hold the same run (pipeline, method, seed), or
+            their optimizer settings differ.
+    """
     rows: list[dict[str, Any]] = []
     commands: list[str] = []
     machine: dict[str, Any] = {}
     settings: dict[str, Any] = {}
-    seen: set[tuple[str, str, int]] = set()
+    seen: dict[tuple[str, str, int], Path] = {}
     for path in paths:
         data = json.loads(path.read_text())
-        machine = machine or data["machine"]
-        settings = settings or dict(data["settings"])
-        if data["settings"].get("optimizer") != settings.get("optimizer"):
-            raise SystemExit(f"{path}: optimizer settings differ from {paths[0]}; not merging")
-        for note in data["settings"].get("notes", []):
+        machine = machine or data.get("machine", {})
+        saved = data.get("settings", {})
+        settings = settings or dict(saved)
+        if saved.get("optimizer") != settings.get("optimizer"):
+            raise ValueError(f"{path}: optimizer settings differ from {paths[0]}; not merging")
+        for note in saved.get("notes", []):
             if note not in settings.setdefault("notes", []):
                 settings["notes"].append(note)
-        commands += [c for c in data["commands"] if c not in commands]
+        commands += [c for c in data.get("commands", []) if c not in commands]
         for r in data["rows"]:
             key = (r["pipeline"], r["method"], r["seed"])
             if key in seen:
-                raise SystemExit(f"{path}: run {key} appears in two files")
-            seen.add(key)
+                raise ValueError(f"run {key} is in both {seen[key]} and {path}")
+            seen[key] = path
             rows.append(r)
+    return {"rows": rows, "commands": commands, "machine": machine, "settings": settings}
+
+
+def combine(paths: list[Path], out: Path, notes: list[str] | None = None) -> int:
+    """Merge result files (rows, commands) into one report at ``out``; ``notes``
+    (how the runs were made: machine sharing, pinning) are added to the settings."""
+    try:
+        merged = read_results(paths)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    rows, commands = merged["rows"], merged["commands"]
+    machine, settings = merged["machine"], merged["settings"]
     # A seed counts only once every method present for the pipeline has run it,
     # so each table compares methods on the same seeds.
     methods = {p: {r["method"] for r in rows if r["pipeline"] == p} for p in PIPELINES}

@@ -70,6 +70,7 @@ from compare import (
     PIPELINES,
     engine_options,
     make_searcher,
+    read_results,
     summarize,
 )
 from optima import OPTIMA_FILE, load_optima
@@ -451,24 +452,6 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _merged(paths: list[Path]) -> dict[str, Any]:
-    """The rows and commands of several compare.py result files; a run (pipeline,
-    method, seed) in two of them is an error naming it."""
-    doc: dict[str, Any] = {"commands": [], "rows": [], "machine": {}}
-    seen: dict[tuple[str, str, int], Path] = {}
-    for path in paths:
-        data = json.loads(path.read_text())
-        doc["machine"] = doc["machine"] or data.get("machine", {})
-        doc["commands"] += [c for c in data.get("commands", []) if c not in doc["commands"]]
-        for row in data["rows"]:
-            key = (row["pipeline"], row["method"], row["seed"])
-            if key in seen:
-                raise ValueError(f"run {key} is in both {seen[key]} and {path}")
-            seen[key] = path
-            doc["rows"].append(row)
-    return doc
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list from {LAYOUTS}")
@@ -515,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             ap.error(f"--from-compare: no such file {missing[0]}")
         try:
-            doc = _merged([Path(p) for p in args.from_compare])
+            doc = read_results([Path(p) for p in args.from_compare])
         except ValueError as exc:
             ap.error(f"--from-compare: {exc}")
     else:

@@ -62,6 +62,7 @@ from eeipu_ray.search.optimize import (
     OptimizeOptions,
     Prefix,
     build_prefix_pool,
+    prefix_ident,
     rank_over_pool,
 )
 from eeipu_ray.search.records import (
@@ -842,7 +843,7 @@ class BOEngine:
             record_set = value > best
             best = max(best, value)
             for depth in range(1, self.space.n_stages):
-                ident = _prefix_ident(record.x, self._prefix_dims[depth], depth)
+                ident = prefix_ident(record.x, self._prefix_dims[depth], depth)
                 since[ident] = 0 if record_set else since.get(ident, 0) + 1
         return {ident for ident, n in since.items() if n >= patience}
 
@@ -866,7 +867,7 @@ class BOEngine:
         return [
             p
             for p in pool
-            if p.depth == 0 or _prefix_ident(p.x, self._prefix_dims[p.depth], p.depth) not in stale
+            if p.depth == 0 or prefix_ident(p.x, self._prefix_dims[p.depth], p.depth) not in stale
         ]
 
     def _enter_bo(self) -> None:
@@ -1109,7 +1110,7 @@ class BOEngine:
         for record in store:
             for depth in range(1, self.space.n_stages):
                 key = record.prefix_keys[depth - 1] if len(record.prefix_keys) >= depth else None
-                if exclude and _prefix_ident(record.x, self._prefix_dims[depth], depth) in exclude:
+                if exclude and prefix_ident(record.x, self._prefix_dims[depth], depth) in exclude:
                     continue
                 if _prefix_available(record, depth, key, available):
                     points.setdefault(depth, []).append(record.x[self._prefix_dims[depth]])
@@ -1174,11 +1175,6 @@ def _memoized(available: Callable[[str], bool] | None) -> Callable[[str], bool] 
         return answers[key]
 
     return lookup
-
-
-def _prefix_ident(x: Tensor, dims: Sequence[int], depth: int) -> PrefixId:
-    """A prefix's identity: its depth and its stages' cube coordinates."""
-    return depth, tuple(round(float(v), 12) for v in x[list(dims)].tolist())
 
 
 def _prefix_available(

@@ -98,6 +98,12 @@ class Candidate:
     value: float
 
 
+def prefix_ident(x: Tensor, dims: Sequence[int], depth: int) -> tuple[int, tuple[float, ...]]:
+    """A prefix's identity: its depth and its stages' cube coordinates (rounded, so
+    that two trials sharing a cached prefix have the same identity)."""
+    return depth, tuple(round(float(v), 12) for v in x[list(dims)].tolist())
+
+
 def build_prefix_pool(
     top: Sequence[tuple[str, Tensor, Sequence[str | None]]],
     n_stages: int,
@@ -123,7 +129,7 @@ def build_prefix_pool(
     for trial_id, x, keys in top:
         for depth in range(1, n_stages):
             key = keys[depth - 1] if len(keys) >= depth else None
-            ident = (depth, tuple(round(float(v), 12) for v in x[prefix_dims[depth]].tolist()))
+            ident = prefix_ident(x, prefix_dims[depth], depth)
             if ident in seen or not is_available(trial_id, depth, key):
                 continue
             seen.add(ident)
