@@ -5,11 +5,11 @@ process, which is how the tests and ``Pipeline.run`` use it.
 
 Cost accounting per stage (the numbers the searcher learns from):
 
-* ``compute_seconds``: what computing the stage costs. Measured with a
+* ``compute_cost``: what computing the stage costs. Measured with a
   monotonic clock around the stage function (CUDA synchronized first when CUDA
   is in use) or declared by the stage (``Stage.cost`` / ``ctx.charge``). For a
   loaded stage it is the original compute time recorded in the cache entry.
-* ``seconds``: what this trial spent on the stage. Executed: compute time plus
+* ``cost``: what this trial spent on the stage. Executed: compute time plus
   the time to store its output (declared stages: the declared cost). Loaded:
   the measured load time is charged to the deepest loaded stage and 0 to the
   stages before it, whose outputs were never needed; with a declared
@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eeipu_ray import result as R
 from eeipu_ray.errors import CacheError, CodecError, StageExecutionError
 from eeipu_ray.pipeline.stage import StageContext
 
@@ -70,8 +71,8 @@ class StageRecord:
     index: int
     prefix_key: str
     status: str  # "executed" or "loaded"
-    seconds: float
-    compute_seconds: float
+    cost: float  # what this trial spent on the stage (charged): result's stage_costs/<s>
+    compute_cost: float  # what computing the stage costs: result's compute_costs/<s>
     bytes: int = 0
     load_seconds: float = 0.0
     store_seconds: float = 0.0
@@ -86,6 +87,26 @@ class StageRecord:
     @property
     def cache_hit(self) -> bool:
         return self.status == "loaded"
+
+    def result_entries(self) -> dict[str, Any]:
+        """This stage's per-stage entries of the trial result (:mod:`eeipu_ray.result`)."""
+        entries = {
+            R.STAGE_COST: self.cost,
+            R.COMPUTE_COST: self.compute_cost,
+            R.CACHE_HIT: int(self.cache_hit),
+            R.CACHE_BYTES: self.bytes,
+            R.LOAD_SECONDS: self.load_seconds,
+            R.PREFIX_KEY: self.prefix_key,
+            R.CPU_SECONDS: self.cpu_seconds,
+            R.ENERGY_SOURCE: self.energy_source,
+            R.ENERGY_MEASURED: int(self.energy_measured),
+        }
+        # A missing meter is missing, not 0 J: leave the keys out.
+        if self.energy_joules is not None:
+            entries[R.ENERGY_JOULES] = self.energy_joules
+        if self.compute_energy_joules is not None:
+            entries[R.COMPUTE_ENERGY_JOULES] = self.compute_energy_joules
+        return {R.stage_key(f, self.name): v for f, v in entries.items()}
 
     def _take_energy(self, reading: EnergyReading, *, spent: bool = True) -> None:
         """Record ``reading`` as this stage's spent energy and CPU time (or, with
@@ -117,8 +138,8 @@ class PipelineRun:
     energy_shared: bool = False
 
     @property
-    def total_seconds(self) -> float:
-        return sum(s.seconds for s in self.stages)
+    def total_cost(self) -> float:
+        return sum(s.cost for s in self.stages)
 
     @property
     def total_energy_joules(self) -> float | None:
@@ -133,37 +154,11 @@ class PipelineRun:
         return float(math.fsum(s.cpu_seconds for s in self.stages))
 
     def to_result(self, metric: str | None = None) -> dict[str, Any]:
-        """The flat result a trial reports to Ray Tune (the schema the searcher reads).
+        """The flat result a trial reports to Ray Tune (keys: :mod:`eeipu_ray.result`).
 
-        Keys (``<s>`` is a stage name):
-
-        ==============================  ===============================================
-        ``<metric>``                    from the last stage's output (a number, or a
-                                        mapping holding it); other numeric entries of
-                                        a mapping output are reported too
-        ``memoized_stages``             leading stages loaded from the cache (int)
-        ``total_cost``                  sum of ``stage_costs``
-        ``stage_costs/<s>``             what this trial spent on the stage
-        ``compute_costs/<s>``           what computing the stage costs (original time)
-        ``cache_hit/<s>``               1 if loaded from the cache, else 0
-        ``cache_bytes/<s>``             bytes loaded or stored for the stage
-        ``load_seconds/<s>``            measured load time (0 unless loaded)
-        ``prefix_key/<s>``              prefix key of stages 1..s
-        ``cpu_seconds/<s>``             process CPU time spent on the stage (seconds)
-        ``energy_joules/<s>``           energy spent on the stage (J); absent without
-                                        a meter
-        ``compute_energy_joules/<s>``   energy computing the stage costs (J; the
-                                        original energy for a loaded stage); absent
-                                        when unknown
-        ``energy_source/<s>``           meter of ``energy_joules/<s>``: ``"nvml"``,
-                                        ``"rapl"``, ``"nvml+rapl"`` or ``"none"``
-        ``energy_measured/<s>``         1 if ``energy_joules/<s>`` was measured, else 0
-        ``total_cpu_seconds``           sum of ``cpu_seconds``
-        ``total_energy_joules``         sum of ``energy_joules``; absent unless every
-                                        stage was metered
-        ``energy_shared``               1 if the metered devices served other work too
-                                        (their energy is included); with a meter only
-        ==============================  ===============================================
+        ``metric`` comes from the last stage's output (a number, or a mapping
+        holding it); the other numeric entries of a mapping output are reported
+        too, next to the trial's costs, cache hits and energy per stage.
         """
         result: dict[str, Any] = {}
         out = self.output
@@ -184,32 +179,19 @@ class PipelineRun:
                 f"last stage {last!r} returned {type(out).__name__}; return a number or a "
                 f"mapping with a numeric {metric!r} entry"
             )
-        result["memoized_stages"] = self.memoized_stages
-        result["total_cost"] = self.total_seconds
+        result[R.MEMOIZED_STAGES] = self.memoized_stages
+        result[R.TOTAL_COST] = self.total_cost
         for s in self.stages:
-            result[f"stage_costs/{s.name}"] = s.seconds
-            result[f"compute_costs/{s.name}"] = s.compute_seconds
-            result[f"cache_hit/{s.name}"] = int(s.cache_hit)
-            result[f"cache_bytes/{s.name}"] = s.bytes
-            result[f"load_seconds/{s.name}"] = s.load_seconds
-            result[f"prefix_key/{s.name}"] = s.prefix_key
-            result[f"cpu_seconds/{s.name}"] = s.cpu_seconds
-            result[f"energy_source/{s.name}"] = s.energy_source
-            result[f"energy_measured/{s.name}"] = int(s.energy_measured)
-            # A missing meter is missing, not 0 J: leave the keys out.
-            if s.energy_joules is not None:
-                result[f"energy_joules/{s.name}"] = s.energy_joules
-            if s.compute_energy_joules is not None:
-                result[f"compute_energy_joules/{s.name}"] = s.compute_energy_joules
-        result["total_cpu_seconds"] = self.total_cpu_seconds
+            result.update(s.result_entries())
+        result[R.TOTAL_CPU_SECONDS] = self.total_cpu_seconds
         total_energy = self.total_energy_joules
         if total_energy is not None:
-            result["total_energy_joules"] = total_energy
-            result["energy_shared"] = int(self.energy_shared)
+            result[R.TOTAL_ENERGY_JOULES] = total_energy
+            result[R.ENERGY_SHARED] = int(self.energy_shared)
         return result
 
     def as_dict(self) -> dict[str, Any]:
-        return {"memoized_stages": self.memoized_stages, "stages": [asdict(s) for s in self.stages]}
+        return {R.MEMOIZED_STAGES: self.memoized_stages, "stages": [asdict(s) for s in self.stages]}
 
 
 def _spent_before_failure(
@@ -240,14 +222,14 @@ def _spent_before_failure(
         index=len(records) + 1,
         prefix_key=key,
         status="failed",
-        seconds=seconds,
-        compute_seconds=math.nan,
+        cost=seconds,
+        compute_cost=math.nan,
     )
     failing._take_energy(span.read())
     run = PipelineRun(output=None, stages=[*records, failing], memoized_stages=memoized)
     spent = run.to_result(None)
-    spent.pop(f"compute_costs/{stage.name}", None)
-    spent.pop(f"compute_energy_joules/{stage.name}", None)
+    spent.pop(R.stage_key(R.COMPUTE_COST, stage.name), None)
+    spent.pop(R.stage_key(R.COMPUTE_ENERGY_JOULES, stage.name), None)
     return spent
 
 
@@ -402,8 +384,8 @@ def _run(
                     index=i + 1,
                     prefix_key=keys[i],
                     status="loaded",
-                    seconds=spent,
-                    compute_seconds=float(compute_so_far[i]),
+                    cost=spent,
+                    compute_cost=float(compute_so_far[i]),
                     bytes=hit.manifest.total_bytes if i == k - 1 else 0,
                     load_seconds=hit.seconds if i == k - 1 else 0.0,
                     producer=dict(hit.manifest.producer) if i == k - 1 else {},
@@ -475,8 +457,8 @@ def _run(
             index=i + 1,
             prefix_key=keys[i],
             status="executed",
-            seconds=compute,
-            compute_seconds=compute,
+            cost=compute,
+            compute_cost=compute,
             compute_energy_joules=compute_reading.joules,
         )
         if cache is not None and i < n - 1:
@@ -517,7 +499,7 @@ class _Progress:
 
     def finished(self, record: StageRecord) -> None:
         self._span = None
-        self._cost += record.seconds
+        self._cost += record.cost
         self._cpu += record.cpu_seconds
         if self._energy is not None:
             self._energy = (
@@ -534,9 +516,9 @@ class _Progress:
             energy = None if energy is None or reading.joules is None else energy + reading.joules
             if not self._declared:  # a declared cost is known only when the stage ends
                 cost += reading.wall_seconds
-        totals: dict[str, Any] = {"total_cost": cost, "total_cpu_seconds": cpu}
+        totals: dict[str, Any] = {R.TOTAL_COST: cost, R.TOTAL_CPU_SECONDS: cpu}
         if energy is not None:
-            totals["total_energy_joules"] = energy
+            totals[R.TOTAL_ENERGY_JOULES] = energy
         self._reporter({**metrics, **totals})
 
 
@@ -599,7 +581,7 @@ def _store(
     record.store_seconds = result.seconds
     record.stored = result.published
     if not declared:
-        record.seconds += result.seconds
+        record.cost += result.seconds
 
 
 def _plain(value: Any) -> Any:

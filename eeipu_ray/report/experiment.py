@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eeipu_ray import result as R
 from eeipu_ray.errors import EEIPUError
 
 SUMMARY_FILE = "summary.json"
@@ -219,24 +220,24 @@ def trial_row(
             if objective is None
             else f"metric {metric!r} is {objective!r}"
         )
-    stage_costs = _per_stage(result, "stage_costs", stages, float)
-    total = result.get("total_cost")
+    stage_costs = _per_stage(result, R.STAGE_COST, stages, float)
+    total = result.get(R.TOTAL_COST)
     timestamp = result.get("timestamp")
-    energy, cpu = result.get("total_energy_joules"), result.get("total_cpu_seconds")
+    energy, cpu = result.get(R.TOTAL_ENERGY_JOULES), result.get(R.TOTAL_CPU_SECONDS)
     return TrialRow(
         trial_id=None if result.get("trial_id") is None else str(result["trial_id"]),
         status="failed" if error else "completed",
         objective=None if error else float(objective),  # type: ignore[arg-type]
-        memoized_stages=int(result.get("memoized_stages") or 0),
+        memoized_stages=int(result.get(R.MEMOIZED_STAGES) or 0),
         charged_cost=float(total) if _finite(total) else math.fsum(stage_costs.values()),
         stage_costs=stage_costs,
-        compute_costs=_per_stage(result, "compute_costs", stages, float),
-        cache_hit=_per_stage(result, "cache_hit", stages, bool),
+        compute_costs=_per_stage(result, R.COMPUTE_COST, stages, float),
+        cache_hit=_per_stage(result, R.CACHE_HIT, stages, bool),
         config=dict(config if config is not None else result.get("config") or {}),
         finished_at=float(timestamp) if _finite(timestamp) else None,
         error=error,
-        stage_energy=_per_stage(result, "energy_joules", stages, float),
-        compute_energy=_per_stage(result, "compute_energy_joules", stages, float),
+        stage_energy=_per_stage(result, R.ENERGY_JOULES, stages, float),
+        compute_energy=_per_stage(result, R.COMPUTE_ENERGY_JOULES, stages, float),
         energy_joules=float(energy) if _finite(energy) else None,
         cpu_seconds=float(cpu) if _finite(cpu) else None,
     )
@@ -244,7 +245,7 @@ def trial_row(
 
 def stage_names_of(result: Mapping[str, Any]) -> list[str]:
     """The stages a flat result reports costs of, in the result's order."""
-    return [k.split("/", 1)[1] for k in result if k.startswith("stage_costs/")]
+    return list(R.stage_entries(result, R.STAGE_COST))
 
 
 def load_experiment(
@@ -402,14 +403,10 @@ def _stages_of_rows(rows: Sequence[TrialRow]) -> list[str]:
 
 
 def _per_stage(
-    result: Mapping[str, Any], prefix: str, stages: Sequence[str], cast: Any
+    result: Mapping[str, Any], field: str, stages: Sequence[str], cast: Any
 ) -> dict[str, Any]:
-    out = {}
-    for s in stages:
-        value = result.get(f"{prefix}/{s}")
-        if value is not None:
-            out[s] = cast(value)
-    return out
+    values = R.per_stage(result, field, stages)
+    return {s: cast(v) for s, v in zip(stages, values, strict=True) if v is not None}
 
 
 def _finite(value: Any) -> bool:

@@ -1192,7 +1192,7 @@ def _prefix_available(
     if available is None:
         if record.status is TrialStatus.COMPLETED:
             return True
-        costs = record.stage_compute_costs
+        costs = record.compute_costs
         return len(costs) >= depth and all(c is not None for c in costs[:depth])
     if key is None:
         return False

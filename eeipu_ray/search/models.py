@@ -754,7 +754,7 @@ def _stage_cost_data(
     # Executed observations first: they are the measurements, loads are copies.
     ordered = sorted((r for r in records if r.finished), key=lambda r: k < r.memoized_stages)
     for r in ordered:
-        costs = r.stage_compute_costs
+        costs = r.compute_costs
         if len(costs) <= k or costs[k] is None:
             continue
         key = tuple(round(float(v), 12) for v in r.x[dims].tolist())
@@ -772,7 +772,7 @@ def _total_cost_data(records: Sequence[TrialRecord]) -> tuple[Tensor, Tensor]:
     """``(X, log sum_k C_k)`` from trials that report every stage's compute cost."""
     xs, ys = [], []
     for r in records:
-        costs = r.stage_compute_costs
+        costs = r.compute_costs
         if not r.finished or not costs or any(c is None for c in costs):
             continue
         xs.append(r.x)

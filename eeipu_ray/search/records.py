@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from eeipu_ray import result as R
 from eeipu_ray.search.errors import TrialResultError, TrialStateError
 
 logger = logging.getLogger(__name__)
@@ -62,9 +63,9 @@ class TrialRecord:
         phase: How the config was proposed: ``"warmup"``, ``"bo"``, ``"random"``
             or ``"observed"`` (added from outside).
         objective: The metric in maximize orientation; ``None`` unless completed.
-        stage_compute_costs: Per stage, what computing it costs (``None`` where
+        compute_costs: Per stage, what computing it costs (``None`` where
             unknown, e.g. stages after a failure).
-        stage_spent_costs: Per stage, what this trial spent (``None`` where unknown).
+        stage_costs: Per stage, what this trial spent (``None`` where unknown).
         charged_cost: What the trial is charged against the budget.
         memoized_stages: Leading stages loaded from the cache.
         prefix_keys: Per stage ``k``, the key of stages ``1..k`` (``None`` if unknown).
@@ -80,8 +81,8 @@ class TrialRecord:
     status: TrialStatus = TrialStatus.PENDING
     phase: str = "bo"
     objective: float | None = None
-    stage_compute_costs: list[float | None] = field(default_factory=list)
-    stage_spent_costs: list[float | None] = field(default_factory=list)
+    compute_costs: list[float | None] = field(default_factory=list)
+    stage_costs: list[float | None] = field(default_factory=list)
     charged_cost: float = 0.0
     memoized_stages: int = 0
     prefix_keys: list[str | None] = field(default_factory=list)
@@ -99,9 +100,9 @@ class TrialRecord:
         """What loading the memoized prefix cost this trial (``None`` if nothing was
         loaded or the per-stage spending is unknown)."""
         m = self.memoized_stages
-        if m <= 0 or len(self.stage_spent_costs) < m:
+        if m <= 0 or len(self.stage_costs) < m:
             return None
-        spent = self.stage_spent_costs[:m]
+        spent = self.stage_costs[:m]
         if any(s is None for s in spent):
             return None
         return float(sum(s for s in spent if s is not None))
@@ -115,8 +116,8 @@ class TrialRecord:
             "status": self.status.value,
             "phase": self.phase,
             "objective": self.objective,
-            "stage_compute_costs": list(self.stage_compute_costs),
-            "stage_spent_costs": list(self.stage_spent_costs),
+            "compute_costs": list(self.compute_costs),
+            "stage_costs": list(self.stage_costs),
             "charged_cost": self.charged_cost,
             "memoized_stages": self.memoized_stages,
             "prefix_keys": list(self.prefix_keys),
@@ -135,8 +136,9 @@ class TrialRecord:
             status=TrialStatus(data["status"]),
             phase=str(data.get("phase", "bo")),
             objective=data.get("objective"),
-            stage_compute_costs=list(data.get("stage_compute_costs", [])),
-            stage_spent_costs=list(data.get("stage_spent_costs", [])),
+            # Checkpoints of eeipu-ray 0.1 name these stage_compute_costs / stage_spent_costs.
+            compute_costs=list(data.get("compute_costs", data.get("stage_compute_costs", []))),
+            stage_costs=list(data.get("stage_costs", data.get("stage_spent_costs", []))),
             charged_cost=float(data.get("charged_cost", 0.0)),
             memoized_stages=int(data.get("memoized_stages", 0)),
             prefix_keys=list(data.get("prefix_keys", [])),
@@ -337,9 +339,6 @@ class TrialStore:
         self.version += 1
 
     # ------------------------------------------------------------ parsing
-    def _key(self, prefix: str, stage: str) -> str:
-        return f"{prefix}/{stage}" if stage else prefix
-
     def _cost(self, record: TrialRecord, result: Mapping[str, Any], key: str) -> float | None:
         """``result[key]`` as a cost, or ``None`` when absent or invalid (warned)."""
         if key not in result:
@@ -358,35 +357,35 @@ class TrialStore:
 
     def _fill_costs(self, record: TrialRecord, result: Mapping[str, Any]) -> None:
         stages = self.stage_names
-        spent = [self._cost(record, result, self._key("stage_costs", s)) for s in stages]
-        compute = [self._cost(record, result, self._key("compute_costs", s)) for s in stages]
-        loads = [self._cost(record, result, self._key("load_seconds", s)) or 0.0 for s in stages]
-        memoized = _as_float(result.get("memoized_stages"))
+        spent = [self._cost(record, result, R.stage_key(R.STAGE_COST, s)) for s in stages]
+        compute = [self._cost(record, result, R.stage_key(R.COMPUTE_COST, s)) for s in stages]
+        loads = [self._cost(record, result, R.stage_key(R.LOAD_SECONDS, s)) or 0.0 for s in stages]
+        memoized = _as_float(result.get(R.MEMOIZED_STAGES))
         if memoized is not None and math.isfinite(memoized):
             record.memoized_stages = max(0, min(int(memoized), len(self.stage_names)))
         # A stage run from scratch costs what it spent when no compute cost is
         # reported; not the stage a failed trial died in (``stage_failed``): what
         # it ran before it raised is no compute cost.
         died_in = -1
-        if result.get("stage_failed"):
+        if result.get(R.STAGE_FAILED):
             died_in = max((k for k, s in enumerate(spent) if s is not None), default=-1)
         for k, s in enumerate(spent):
             if compute[k] is None and s is not None and record.memoized_stages <= k != died_in:
                 compute[k] = s
-        record.stage_spent_costs = spent
-        record.stage_compute_costs = compute
+        record.stage_costs = spent
+        record.compute_costs = compute
         record.load_seconds = loads
         if any(s is not None for s in spent):
             record.charged_cost = cost_sum(s for s in spent if s is not None)
         else:
-            total = self._cost(record, result, "total_cost")
+            total = self._cost(record, result, R.TOTAL_COST)
             record.charged_cost = total if total is not None else 0.0
             if total is None and result:
                 logger.warning(
                     "trial %s reported no stage_costs/<stage> nor total_cost; charged 0",
                     record.trial_id,
                 )
-        keys = [result.get(self._key("prefix_key", s)) for s in self.stage_names]
+        keys = [result.get(R.stage_key(R.PREFIX_KEY, s)) for s in self.stage_names]
         if any(isinstance(k, str) for k in keys):
             old = record.prefix_keys + [None] * (len(keys) - len(record.prefix_keys))
             record.prefix_keys = [

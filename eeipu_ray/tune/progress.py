@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import CLIReporter
 
+from eeipu_ray import result as R
+
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
@@ -68,14 +70,14 @@ class BudgetReporter(CLIReporter):
         budget: float | None = None,
         parameter_columns: Sequence[str] | Mapping[str, str] | None = None,
         cost_unit: str = "s",
-        cost_key: str = "total_cost",
+        cost_key: str = R.TOTAL_COST,
         max_progress_rows: int = 10,
         max_report_frequency: int = 10,
         full_final_table: bool = True,
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode={mode!r} must be 'max' or 'min'")
-        columns = {metric: metric, "memoized_stages": "memoized", cost_key: "cost"}
+        columns = {metric: metric, R.MEMOIZED_STAGES: "memoized", cost_key: "cost"}
         super().__init__(
             metric_columns=columns,
             parameter_columns=(

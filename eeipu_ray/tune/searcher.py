@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
+from eeipu_ray import result as R
 from eeipu_ray.errors import ConfigError, EEIPUError
 
 if TYPE_CHECKING:
@@ -221,7 +222,7 @@ class EEIPUSearcher(Searcher):
         self._options = engine_options
         self._max_concurrent = max_concurrent or 0
         self._cost = cost or "time"
-        self._cost_key = cost_key or ("total_energy_joules" if cost == "energy" else "time_total_s")
+        self._cost_key = cost_key or (R.TOTAL_ENERGY_JOULES if cost == "energy" else "time_total_s")
         for i, point in enumerate(points_to_evaluate or []):
             if not isinstance(point, Mapping):
                 raise ConfigError(
@@ -779,10 +780,10 @@ class EEIPUSearcher(Searcher):
             result = self._energy_as_cost(result)
         if result is None or self._pipeline is not None:
             return result
-        if "stage_costs" in result or self._cost_key not in result:
+        if R.STAGE_COST in result or self._cost_key not in result:
             return result
         cost = result[self._cost_key]
-        return {**result, "stage_costs": cost, "compute_costs": cost}
+        return {**result, R.STAGE_COST: cost, R.COMPUTE_COST: cost}
 
     def _energy_as_cost(self, result: dict[str, Any]) -> dict[str, Any]:
         """``result`` with joules in the engine's cost fields (``cost="energy"``).
@@ -797,41 +798,23 @@ class EEIPUSearcher(Searcher):
         from eeipu_ray.errors import EnergyMeterError
 
         if self._pipeline is None:
-            if self._cost_key in result or "stage_costs" in result:
+            if self._cost_key in result or R.STAGE_COST in result:
                 return result
-            if "time_total_s" in result or "total_cost" in result:
+            if "time_total_s" in result or R.TOTAL_COST in result:
                 raise EnergyMeterError(
                     f"EEIPUSearcher(cost='energy'): the result has no {self._cost_key!r} "
                     "(joules); report measured energy under that key or pass cost_key="
                 )
             return result
-        energy = {
-            f"stage_costs/{k[len('energy_joules/') :]}": v
-            for k, v in result.items()
-            if k.startswith("energy_joules/")
-        }
-        energy.update(
-            (f"compute_costs/{k[len('compute_energy_joules/') :]}", v)
-            for k, v in result.items()
-            if k.startswith("compute_energy_joules/")
-        )
-        if "total_energy_joules" in result:
-            energy["total_cost"] = result["total_energy_joules"]
-        has_time_costs = "total_cost" in result or any(k.startswith("stage_costs/") for k in result)
-        if has_time_costs and not energy:
-            sources = sorted({str(v) for k, v in result.items() if k.startswith("energy_source/")})
+        if R.reports_time_costs(result) and not R.reports_energy(result):
+            sources = sorted({str(v) for v in R.stage_entries(result, R.ENERGY_SOURCE).values()})
             raise EnergyMeterError(
                 "EEIPUSearcher(cost='energy'): a trial reported costs but no measured energy "
                 f"(energy sources: {sources or ['none']}): no energy meter works where it ran. "
                 "Run trials on nodes with NVIDIA GPUs (NVML, the 'energy' extra) or readable "
                 "RAPL counters, or use cost='time'"
             )
-        kept = {
-            k: v
-            for k, v in result.items()
-            if k != "total_cost" and not k.startswith(("stage_costs/", "compute_costs/"))
-        }
-        return {**kept, **energy}
+        return R.energy_as_cost(result)
 
     def _sync_pins(self) -> None:
         if self._cache is None or self._engine is None:

@@ -89,6 +89,7 @@ from ray.tune.experiment import Trial
 from ray.tune.result import DEFAULT_METRIC
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
+from eeipu_ray import result as R
 from eeipu_ray.errors import EnergyMeterError
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ class SM2Options:
     """
 
     time_attr: str = "epoch"
-    energy_attr: str = "total_energy_joules"
+    energy_attr: str = R.TOTAL_ENERGY_JOULES
     max_t: float = 100.0
     grace_period: float = 1.0
     reduction_factor: float = 3.0
@@ -293,7 +294,7 @@ class SM2Scheduler(FIFOScheduler):
         metric: str | None = None,
         mode: str | None = None,
         *,
-        energy_attr: str = "total_energy_joules",
+        energy_attr: str = R.TOTAL_ENERGY_JOULES,
         max_t: float = 100,
         grace_period: float = 1,
         reduction_factor: float = 3,

@@ -176,28 +176,28 @@ def test_loaded_record_keeps_original_compute_time(cache):
     p = toy(calls, prep_sleep=0.2)
     first = p.run(CONFIG, cache, trial_id="trial-1")
     prep1, feat1, train1 = first.stages
-    assert prep1.status == "executed" and prep1.compute_seconds >= 0.2
+    assert prep1.status == "executed" and prep1.compute_cost >= 0.2
     # an executed stage pays its compute time and its store time
-    assert prep1.seconds == pytest.approx(prep1.compute_seconds + prep1.store_seconds)
+    assert prep1.cost == pytest.approx(prep1.compute_cost + prep1.store_seconds)
     assert prep1.store_seconds > 0 and prep1.load_seconds == 0.0
-    assert train1.store_seconds == 0.0 and train1.seconds == train1.compute_seconds
+    assert train1.store_seconds == 0.0 and train1.cost == train1.compute_cost
 
     second = p.run(CONFIG, cache, trial_id="trial-2")
     prep2, feat2, train2 = second.stages
     assert prep2.status == feat2.status == "loaded"
-    assert prep2.compute_seconds == prep1.compute_seconds  # as first recorded
-    assert feat2.compute_seconds == feat1.compute_seconds
-    assert prep2.seconds == 0.0 and prep2.bytes == 0 and prep2.load_seconds == 0.0
-    assert feat2.seconds > 0.0
-    assert feat2.load_seconds == feat2.seconds
+    assert prep2.compute_cost == prep1.compute_cost  # as first recorded
+    assert feat2.compute_cost == feat1.compute_cost
+    assert prep2.cost == 0.0 and prep2.bytes == 0 and prep2.load_seconds == 0.0
+    assert feat2.cost > 0.0
+    assert feat2.load_seconds == feat2.cost
     assert feat2.bytes == feat1.bytes > 0
     assert feat2.producer.get("trial_id") == "trial-1"
     assert prep2.producer == {}
     assert train2.status == "executed"
     # The second trial pays the load and the stage it ran, nothing of the loaded
     # compute (the first paid prep's 0.2 s sleep and more).
-    assert second.total_seconds == pytest.approx(feat2.load_seconds + train2.seconds)
-    assert first.total_seconds >= prep1.compute_seconds >= 0.2
+    assert second.total_cost == pytest.approx(feat2.load_seconds + train2.cost)
+    assert first.total_cost >= prep1.compute_cost >= 0.2
 
 
 def test_declared_costs_replace_the_clock(cache):
@@ -217,18 +217,18 @@ def test_declared_costs_replace_the_clock(cache):
         ],
     )
     first = p.run({}, cache)
-    assert [s.compute_seconds for s in first.stages[:2]] == [20.0, 7.5]
-    assert [s.seconds for s in first.stages[:2]] == [20.0, 7.5]  # no store time added
+    assert [s.compute_cost for s in first.stages[:2]] == [20.0, 7.5]
+    assert [s.cost for s in first.stages[:2]] == [20.0, 7.5]  # no store time added
     assert first.stages[0].stored and first.stages[1].stored
 
     second = p.run({}, cache)
     assert second.memoized_stages == 2
-    assert [s.compute_seconds for s in second.stages[:2]] == [20.0, 7.5]
+    assert [s.compute_cost for s in second.stages[:2]] == [20.0, 7.5]
     # a declared load_cost is charged for every loaded stage
-    assert [s.seconds for s in second.stages[:2]] == [0.5, 1.25]
+    assert [s.cost for s in second.stages[:2]] == [0.5, 1.25]
     result = second.to_result("score")
     assert result["stage_costs/prep"] == 0.5 and result["compute_costs/prep"] == 20.0
-    assert result["total_cost"] == pytest.approx(1.75 + second.stages[2].seconds)
+    assert result["total_cost"] == pytest.approx(1.75 + second.stages[2].cost)
 
 
 def test_bad_declared_costs_name_the_stage():
@@ -361,7 +361,7 @@ def test_to_result_schema(cache):
     assert result["total_cost"] == pytest.approx(
         sum(result[f"stage_costs/{s}"] for s in ("prep", "feat", "train"))
     )
-    assert result["compute_costs/prep"] == run.stages[0].compute_seconds
+    assert result["compute_costs/prep"] == run.stages[0].compute_cost
 
 
 def test_to_result_metric_handling():
@@ -445,7 +445,7 @@ def test_stage_context(tmp_path):
     # Progress carries the trial's running totals; no meter, so no joules.
     assert [{k: r[k] for k in ("stage", "step")} for r in reports] == [{"stage": "a", "step": 1}]
     assert set(reports[0]) == {"stage", "step", "total_cost", "total_cpu_seconds"}
-    assert 0.0 <= reports[0]["total_cost"] <= run.total_seconds
+    assert 0.0 <= reports[0]["total_cost"] <= run.total_cost
 
 
 def test_default_trial_dir_is_created():

@@ -59,8 +59,8 @@ def test_run_matches_objective_and_declared_costs_and_memoizes(layout, tmp_path)
         synthetic_objective(config, layout), rel=1e-12, abs=1e-12
     )
     costs = synthetic_stage_costs(config, layout)
-    assert [s.compute_seconds for s in first.stages] == pytest.approx(costs, rel=1e-12)
-    assert [s.seconds for s in first.stages] == pytest.approx(costs, rel=1e-12)
+    assert [s.compute_cost for s in first.stages] == pytest.approx(costs, rel=1e-12)
+    assert [s.cost for s in first.stages] == pytest.approx(costs, rel=1e-12)
 
     # Same first two stages, new hyperparameters from stage 3 on.
     other = _config(layout, seed=2)
@@ -75,8 +75,8 @@ def test_run_matches_objective_and_declared_costs_and_memoizes(layout, tmp_path)
         synthetic_objective(second_config, layout), rel=1e-12, abs=1e-12
     )
     new_costs = synthetic_stage_costs(second_config, layout)
-    assert [s.seconds for s in second.stages] == pytest.approx([LOAD_COST] * 2 + new_costs[2:])
-    assert [s.compute_seconds for s in second.stages] == pytest.approx(new_costs)
+    assert [s.cost for s in second.stages] == pytest.approx([LOAD_COST] * 2 + new_costs[2:])
+    assert [s.compute_cost for s in second.stages] == pytest.approx(new_costs)
     assert second.output["score"] != first.output["score"]
 
 

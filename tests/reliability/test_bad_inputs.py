@@ -536,8 +536,8 @@ def test_results_are_recorded_as_documented(
         assert record.status is TrialStatus.COMPLETED
         assert record.objective == (expected if mode == "max" else -expected)
     valid = [_valid_cost(c) if c is not MISSING else None for c in costs]
-    assert record.stage_spent_costs == valid
-    assert record.stage_compute_costs == valid  # executed stages: spent = compute cost
+    assert record.stage_costs == valid
+    assert record.compute_costs == valid  # executed stages: spent = compute cost
     assert record.charged_cost == math.fsum(c for c in valid if c is not None)
     assert engine.budget_spent == record.charged_cost
     for stage, cost, ok in zip(STAGES, costs, valid, strict=True):
@@ -642,7 +642,7 @@ def test_searcher_charges_a_failed_trial_its_last_report_as_the_readme_says(
     )
     store = searcher.engine.store
     assert store["t0"].status is TrialStatus.FAILED and store["t0"].charged_cost == 2.5
-    assert store["t0"].stage_compute_costs == [2.0, None]  # the failing stage: no cost learned
+    assert store["t0"].compute_costs == [2.0, None]  # the failing stage: no cost learned
     assert store["t1"].status is TrialStatus.FAILED and store["t1"].charged_cost == 2.0
     assert searcher.budget_spent == 2.5 + 2.0 + 3.0
     assert store.train_xy()[0].shape[0] == 1  # only t2 is fitted

@@ -200,8 +200,8 @@ def _record(tid, x, obj, compute, spent=None, memoized=0, status=TrialStatus.COM
         x=torch.tensor(x, dtype=torch.double),
         status=status,
         objective=obj,
-        stage_compute_costs=list(compute),
-        stage_spent_costs=list(spent or compute),
+        compute_costs=list(compute),
+        stage_costs=list(spent or compute),
         memoized_stages=memoized,
     )
 

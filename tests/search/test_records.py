@@ -43,8 +43,8 @@ def test_completion_parses_the_flat_schema():
     r = store["t"]
     assert r.status is TrialStatus.COMPLETED
     assert r.objective == 2.5
-    assert r.stage_spent_costs == [0.1, 0.1, 3.0]
-    assert r.stage_compute_costs == [4.0, 5.0, 3.0]
+    assert r.stage_costs == [0.1, 0.1, 3.0]
+    assert r.compute_costs == [4.0, 5.0, 3.0]
     assert r.memoized_stages == 2
     assert r.prefix_keys == ["key-0", "key-1", "key-2"]
     assert r.charged_cost == pytest.approx(3.2)
@@ -88,7 +88,7 @@ def test_failures_are_charged_and_have_no_objective(score, error, reason):
     assert store.budget_spent == 12.0
     assert [x.trial_id for x in store.completed] == ["ok"]
     # failed trials still carry their compute costs (the cost GPs learn from them)
-    assert r.stage_compute_costs == [2.0, 3.0, 4.0]
+    assert r.compute_costs == [2.0, 3.0, 4.0]
 
 
 def test_error_without_result_charges_nothing_and_fails():
@@ -117,7 +117,7 @@ def test_total_cost_is_the_charge_without_stage_costs():
     store.add_pending("t", {}, torch.zeros(1))
     store.complete("t", {"score": 1.0, "total_cost": 7.5})
     assert store.budget_spent == 7.5
-    assert store["t"].stage_compute_costs == [None, None, None]
+    assert store["t"].compute_costs == [None, None, None]
 
 
 def test_spent_cost_of_an_executed_stage_stands_in_for_its_compute_cost():
@@ -134,14 +134,14 @@ def test_spent_cost_of_an_executed_stage_stands_in_for_its_compute_cost():
         },
     )
     # prep was loaded: its spent cost is a load, not a compute cost
-    assert store["t"].stage_compute_costs == [None, 2.0, 3.0]
+    assert store["t"].compute_costs == [None, 2.0, 3.0]
 
 
 def test_bad_cost_values_are_not_charged():
     store = _store()
     store.add_pending("t", {}, torch.zeros(1))
     store.complete("t", _result(spent=(1.0, math.nan, -3.0)))
-    assert store["t"].stage_spent_costs == [1.0, None, None]
+    assert store["t"].stage_costs == [1.0, None, None]
     assert store.budget_spent == 1.0
 
 
@@ -207,4 +207,4 @@ def test_the_stage_a_failed_trial_died_in_teaches_no_compute_cost() -> None:
     )
     record = store["t"]
     assert record.charged_cost == 2.5
-    assert record.stage_compute_costs == [2.0, None, None]
+    assert record.compute_costs == [2.0, None, None]

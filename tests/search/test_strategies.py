@@ -73,7 +73,7 @@ def test_eeipu_charges_the_overhead_as_a_fraction_of_a_typical_run():
     acqf, _ = engine._acquisition(parts, engine.store, None)
     typical = typical_run_cost(parts.costs.stage_costs)
     # The geometric means of the observed stage costs, summed.
-    observed = [r.stage_compute_costs for r in engine.store.completed]
+    observed = [r.compute_costs for r in engine.store.completed]
     by_hand = sum(
         math.exp(sum(math.log(c[k]) for c in observed) / len(observed))
         for k in range(len(observed[0]))

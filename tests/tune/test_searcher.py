@@ -309,7 +309,7 @@ def test_add_evaluated_points_with_full_results_teaches_costs() -> None:
     searcher.add_evaluated_points([*points, (points[0][0], -99.0)])
     records = searcher.engine.records
     assert len(records) == 6
-    assert records[0].stage_compute_costs == pytest.approx(
+    assert records[0].compute_costs == pytest.approx(
         [points[0][1][f"compute_costs/{s}"] for s in pipeline.stage_names]
     )
     assert records[-1].objective == pytest.approx(-99.0)

@@ -77,8 +77,8 @@ def test_energy_is_the_budget_and_what_the_cost_models_learn(tmp_path):
     for r in records:
         scale, lr = r.config["prep"]["scale"], r.config["train"]["lr"]
         # The cost models learn joules, the original ones for a cached stage.
-        assert r.stage_compute_costs[0] == pytest.approx(2.0 * scale)
-        assert r.stage_compute_costs[1] == pytest.approx((1_000 * (1 + 10 * lr) // 1) / 1e3)
+        assert r.compute_costs[0] == pytest.approx(2.0 * scale)
+        assert r.compute_costs[1] == pytest.approx((1_000 * (1 + 10 * lr) // 1) / 1e3)
     assert any(r.memoized_stages > 0 for r in records)  # the energy of loads was charged too
 
 
