@@ -13,7 +13,7 @@ fi
 . "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "$TORCH_SPEC"
-python -m pip install --quiet -c requirements/constraints.txt -e ".[test,bench,t5]"
+python -m pip install --quiet -c requirements/constraints.txt -e ".[test,bench,t5,docs]"
 
 # Debian's Chromium: the report test opens the HTML report in it, headless.
 if ! command -v chromium >/dev/null 2>&1; then
@@ -26,6 +26,7 @@ export HF_HUB_OFFLINE=1   # T5 models are built from a config or a local path; n
 
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"   # loopback-only test clusters
 ruff check .
+mkdocs build --strict --site-dir "$(mktemp -d)"   # the docs and their API reference
 set +e
 python -m pytest -p no:cacheprovider "$@"
 rc=$?

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, as one command for a GPU machine (the device tool's `run`):
+# The GPU checks, as one command for a GPU machine:
 #   1. nvidia-smi and the versions seen;
 #   2. the real GPU tests (tests/gpu: NVML energy of GPU work, measured joules per
 #      stage from the runner on CUDA, fits_device_memory on the real GPU, a Ray
@@ -7,9 +7,9 @@
 #   3. CNN learning curves recorded on CUDA with NVML joules
 #      (benchmarks/energy_replay.py record --device cuda), for replaying SM2
 #      against ASHA offline, where Ray is (energy_replay.py replay --traces ...).
-# Everything lands in $OUT (the device tool's output folder; /tmp/gpu-out
-# elsewhere). With .gpu-kit/ carried (scripts/gpu/make_kit.sh), Ray and the
-# other packages the device image lacks are unpacked first.
+# Everything lands in $OUT (default /tmp/gpu-out). With .gpu-kit/ in the
+# repository root (scripts/gpu/make_kit.sh), Ray and the other packages the GPU
+# image lacks are unpacked first.
 #   RECORD_SECONDS (default 200): time for step 3; CONFIGS (default 200) at most;
 #   DEVICE (default cuda): cpu runs the same steps on a machine without a GPU.
 set -uo pipefail

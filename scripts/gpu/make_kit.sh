@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # Builds .gpu-kit/ (ignored by git): what a GPU machine without Ray needs to run
-# scripts/gpu/check.sh. A bare GPU image (nvidia-h200:
-# CPython 3.12 with torch, botorch, gpytorch, pyarrow, safetensors, scikit-learn,
-# nvidia-ml-py, pytest) has no Ray, jsonschema or pydantic and reaches no
-# package registry. The Ray wheel (79 MB) is larger than what may travel with the
-# working tree (64 MiB), so the kit holds Ray's installed tree without the
-# libraries the checks never import (RLlib, Serve, LLM, the Java jars),
+# scripts/gpu/check.sh. A bare GPU image (CPython 3.12 with torch, botorch,
+# gpytorch, pyarrow, safetensors, scikit-learn, nvidia-ml-py, pytest) may have
+# no Ray, jsonschema or pydantic and reach no package registry. To keep the kit
+# small (the Ray wheel alone is 79 MB), it holds Ray's installed tree without
+# the libraries the checks never import (RLlib, Serve, LLM, the Java jars),
 # xz-compressed (about 30 MB), plus the other missing packages as wheels.
 #
-#   bash scripts/gpu/make_kit.sh            # here, where PyPI is reachable
-#   run(command="bash scripts/gpu/check.sh", carry=[".gpu-kit"], timeout_s=540)
+#   bash scripts/gpu/make_kit.sh            # where PyPI is reachable
+#   bash scripts/gpu/check.sh               # then on the GPU machine, .gpu-kit/ included
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 KIT=.gpu-kit
