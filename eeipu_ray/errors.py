@@ -76,7 +76,3 @@ class EnergyMeterError(EEIPUError, RuntimeError):
 
 class EEIPUWarning(UserWarning):
     """Base class of eeipu-ray warnings."""
-
-
-class CacheWarning(EEIPUWarning):
-    """A recoverable cache problem: an entry was dropped, a write was skipped."""

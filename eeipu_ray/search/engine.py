@@ -395,10 +395,8 @@ class BOEngine:
             space.stage_names, metric=self.options.metric, mode=self.options.mode
         )
         self.strategy: AcquisitionStrategy = get_strategy(self.options.acquisition)
-        self._n_suggested = 0
         self._n_warmup_drawn = 0
         self._spent_after_warmup: float | None = None
-        self._bo_steps = 0
         self._decisions: dict[str, Decision] = {}  # by trial id, in suggestion order
         self._random = RandomProposer(space.dim, seed=self.options.seed)
         self._cache = _ModelCache(fitter=self._new_fitter())
@@ -504,7 +502,7 @@ class BOEngine:
         available = _as_predicate(available_prefixes)
         proposal: Proposal | None = None
         if self.strategy.proposes_randomly:
-            x, phase = self._random.propose(self._n_suggested), "random"
+            x, phase = self._random.propose(self.n_suggested), "random"
             config = self.space.from_unit(x)
         elif not self.next_is_bo():
             with _torch_threads(opts.num_threads):
@@ -516,10 +514,9 @@ class BOEngine:
             proposal = lookahead if self._usable(lookahead) else None
             if proposal is None:
                 with _torch_threads(opts.num_threads):
-                    proposal = self._propose(self.store, available, self._bo_steps)
+                    proposal = self._propose(self.store, available, self.bo_steps)
             config = _copy_config(proposal.config)
             phase = "bo"
-            self._bo_steps += 1
         planned_depth = proposal.planned_depth if proposal is not None else 0
         x = self.space.to_unit(config)
         keys = list(prefix_keys_of(config)) if prefix_keys_of is not None else None
@@ -535,14 +532,23 @@ class BOEngine:
             source_trial=proposal.source_trial if proposal is not None else None,
             acquisition_value=proposal.acquisition_value if proposal is not None else None,
         )
-        self._n_suggested += 1
         return _copy_config(config)
+
+    @property
+    def n_suggested(self) -> int:
+        """Trials recorded so far (suggested, registered or observed)."""
+        return len(self.store)
+
+    @property
+    def bo_steps(self) -> int:
+        """BO proposals made so far (they seed the acquisition optimizer's draws)."""
+        return sum(1 for r in self.store if r.phase == "bo")
 
     def next_is_bo(self) -> bool:
         """Whether the next :meth:`suggest` is a BO step (not warm-up, not random)."""
         return (
             not self.strategy.proposes_randomly
-            and self._n_suggested >= self.options.n_warmup
+            and self.n_suggested >= self.options.n_warmup
             and len(self.store.completed) >= _MIN_OBSERVATIONS
             and self.space.dim > 0
         )
@@ -600,7 +606,7 @@ class BOEngine:
             return None
         self._enter_bo()
         store = self.store.snapshot()
-        step = self._bo_steps + len(reserved)
+        step = self.bo_steps + len(reserved)
         available = _as_predicate(available_prefixes)
         threads = self.options.num_threads
         configs = [p.config for p in reserved]
@@ -645,7 +651,6 @@ class BOEngine:
         self._decisions[trial_id] = Decision(
             trial_id=trial_id, phase="given", eta=self.eta, budget_spent=self.budget_spent
         )
-        self._n_suggested += 1
 
     def add_evaluated(
         self,
@@ -659,7 +664,6 @@ class BOEngine:
         x = self.space.to_unit(config)
         self.store.add_pending(trial_id, _copy_config(config), x, phase="observed")
         self.store.complete(trial_id, result, error=error)
-        self._n_suggested += 1
 
     def pins(self) -> set[str]:
         """Prefix keys the engine means to reuse: proper prefixes of the top-Q trials."""
@@ -681,10 +685,10 @@ class BOEngine:
             "format": STATE_FORMAT,
             "space": self.space.signature(),
             "options": asdict(self.options),
-            "n_suggested": self._n_suggested,
+            "n_suggested": self.n_suggested,
             "n_warmup_drawn": self._n_warmup_drawn,
             "spent_after_warmup": self._spent_after_warmup,
-            "bo_steps": self._bo_steps,
+            "bo_steps": self.bo_steps,
             "records": [r.to_dict() for r in self.store],
             "decisions": [d.to_dict() for d in self._decisions.values()],
             "gp": self._cache.fitter.state_dict() if self._cache.fitter is not None else {},
@@ -712,11 +716,9 @@ class BOEngine:
         for data in state["records"]:
             store.add_record(TrialRecord.from_dict(data))
         self.store = store
-        self._n_suggested = int(state["n_suggested"])
         self._n_warmup_drawn = int(state["n_warmup_drawn"])
         sa = state.get("spent_after_warmup")
         self._spent_after_warmup = None if sa is None else float(sa)
-        self._bo_steps = int(state.get("bo_steps", 0))
         # Checkpoints written before the decision log existed restore with an empty one.
         decisions = [Decision.from_dict(d) for d in state.get("decisions", [])]
         self._decisions = {d.trial_id: d for d in decisions}
