@@ -30,7 +30,7 @@ Figures per layout and method (``OUT.md``):
 Seeds 0-9 are for choosing designs, 10-19 for reporting: the tables are
 written per seed set, and a decision must cite only the design seeds.
 Results accumulate in ``OUT.json`` (``--append``; rows are keyed by layout,
-method label and seed, so a run is never repeated), across sessions.
+method label and seed, so a run is never repeated), across runs of the script.
 
 Examples::
 

@@ -57,7 +57,7 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("eeipu", "ei", "carbo", "eips")
 
-# Reference implementation on a 2-core CPU, 5 seeds (DESIGN.md).
+# The EEIPU reference implementation (mekhiito/Memo-Aware-BO) on a 2-core CPU, 5 seeds.
 REFERENCE: dict[str, dict[str, Any]] = {
     "eeipu": {"bo_iters": "63 (51-81)", "best": -3.58},
     "ei": {"bo_iters": "37 (31-43)", "best": -3.97},
@@ -391,7 +391,7 @@ def write_results(
         md += parallel_table(rows)
     else:
         md += [
-            "Summary (mean ± standard error over seeds; reference: DESIGN.md, 5 seeds):",
+            "Summary (mean ± standard error over seeds; reference implementation, 5 seeds):",
             "",
             *summary_table(rows),
             "",
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     if parallel:
         print("\n".join(parallel_table(rows)))
     else:
-        print("Summary (mean ± standard error over seeds; reference from DESIGN.md, 5 seeds)")
+        print("Summary (mean ± standard error over seeds; reference implementation, 5 seeds)")
         print("\n".join(summary_table(rows)))
     if args.out != "":
         print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")

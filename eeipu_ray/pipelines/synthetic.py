@@ -2,7 +2,8 @@
 
 One pipeline per layout (see ``eeipu_ray.search.synthetic.LAYOUTS``):
 ``"paper"`` (the default; three stages, objective
-``-Beale(h1) - Hartmann3(h2) - Branin(h3)``, maximize; see DESIGN.md),
+``-Beale(h1) - Hartmann3(h2) - Branin(h3)``, maximize, as in the
+EEIPU paper's reference code),
 ``"front4"`` (four stages, the first dominates the cost), ``"back5"``
 (five stages, the last dominates the cost), ``"flat4"`` (four stages of
 near-uniform cost) and ``"costly3"`` (the best configurations are the most

@@ -23,7 +23,7 @@ configurations (seed 0); "trials" is 200 units over the mean total, the
 trials a 200-unit budget buys at random without memoization (BO buys more
 where it finds cheap regions and reuses prefixes).
 
-``"paper"`` (the reference implementation's; DESIGN.md). 3 stages:
+``"paper"`` (the EEIPU reference implementation's). 3 stages:
 
 =====  ===  =======  =========  ===========================================  ====
 stage  d_k  bounds   term       cost terms ``(g, s, t)``                     mean

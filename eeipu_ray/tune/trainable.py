@@ -84,8 +84,8 @@ def pipeline_trainable(
     every report).
 
     Two trials that need the same missing prefix at once both compute it; one
-    complete entry per prefix survives and the other copy is discarded (see the
-    README). No lock is held across a stage, so a killed worker can never leave
+    complete entry per prefix survives and the other copy is discarded (see
+    docs/cache.md). No lock is held across a stage, so a killed worker can never leave
     other trials waiting, and a worker killed while writing leaves no visible
     entry: the next trial recomputes the stage.
 

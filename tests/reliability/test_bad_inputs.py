@@ -5,7 +5,7 @@ types (:class:`eeipu_ray.errors.EEIPUError` subclasses) whose message names the
 culprit (stage, key, value), never in a raw ``TypeError``/``ValueError`` from
 deep inside BoTorch, torch, NumPy, pyarrow or fsspec; a valid input never raises.
 Where the behaviour for NaN, infinite or missing metrics and costs is documented
-(``eeipu_ray/search/records.py``, the README's result schema), it is asserted
+(``eeipu_ray/search/records.py``, ``eeipu_ray/result.py``, docs/usage.md), it is asserted
 exactly: a failed trial is charged what it spent and never fitted.
 
 Everything runs on real parts: real Ray Tune domains, real pipelines run by the
@@ -609,10 +609,10 @@ def test_extreme_but_finite_results_never_crash_a_bo_step(acquisition: str, warp
         assert fallback or all(d.acquisition_value is not None for d in decisions)
 
 
-def test_searcher_charges_a_failed_trial_its_last_report_as_the_readme_says(
+def test_searcher_charges_a_failed_trial_its_last_report_as_documented(
     tmp_path: Path,
 ) -> None:
-    """README: a trial whose stage raises reports what it spent (metric NaN,
+    """docs/usage.md: a trial whose stage raises reports what it spent (metric NaN,
     ``stage_failed`` 1) before the error reaches Tune, which then tells the
     searcher only ``error=True``; the searcher charges that report, fits nothing
     of it, and the failing stage's running time teaches no cost GP. A NaN metric
