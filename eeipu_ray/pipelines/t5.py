@@ -40,18 +40,9 @@ data, the teacher and the first distillation segments share a long prefix.
 Stage outputs are dicts of tensors (stored as safetensors) and plain values;
 every model travels as ``{"state_dict": CPU tensors, "config": dict}``.
 
-Measured on the 2-core CPU machine of this repository, one thread, at the
-defaults (toy data, ``size="tiny"``, 256 training and 64 validation pairs),
-while a benchmark shared the machine: ``data`` 0.1 s; ``teacher`` 0.8 s per
-epoch at ``batch_size`` 32, 1.4 s at 16 and 1.5 s at 8 (1.6 to 12 s over the
-space); each ``distill`` segment 0.8 to 1.7 s (one epoch); ``evaluate`` 0.2 s
-greedy, 0.8 s with 4 beams. A full trial takes 4 to 18 s (11 s at batch size
-16, 5 teacher epochs, greedy), and the student's ROUGE-L ranges from about
-0.05 to 0.3. ``eeipu-ray run t5 --num-samples 12 --warmup 6`` finished in
-about 2 minutes on that machine, Ray start-up included, with 6 of the 12
-trials starting from a cached prefix (teacher or distillation segments).
 Importing this module (``transformers``) takes a few seconds once per
-process, outside every stage.
+process, outside every stage. Stage times at the defaults are in
+docs/benchmarks.md.
 
 Devices and precision: every training and generation step runs on
 ``ctx.device`` (``"cpu"`` or ``"cuda:N"``). On CUDA the forward passes run

@@ -19,8 +19,9 @@ EEIPU      ``K`` stage-cost GPs + load costs    cached stages    cost cooling
 (``x`` agrees, on those stages' dimensions, with an available prefix);
 ``eps(delta)`` is the cost of loading them (``eps(0) = 0``). Costs are
 log-normal under the GPs (each models ``log C_k``); the expectation is a QMC
-average over ``mc_samples`` posterior samples, taken in log space with
-``logsumexp`` so that tiny expected inverse costs stay finite.
+average of ``1 / cost`` over ``mc_samples`` posterior samples, in linear space
+(costs clamped below ``exp(700)``, inverse costs above ``1e-300``), and its log
+is what enters ``alpha``.
 
 References:
     Essofi et al., "Reducing Hyperparameter Tuning Costs in ML, Vision and

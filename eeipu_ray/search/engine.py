@@ -121,10 +121,9 @@ class EngineOptions:
             ``"cheap"``: once two trials reported costs, each warm-up point
             survives alternate elimination of the costliest and least novel of
             ``warmup_candidates`` Sobol candidates (see
-            :mod:`eeipu_ray.search.design`). Measured on the paper-compatible
-            synthetic pipeline (5 seeds, budget 200): "cheap" left EEIPU 56
-            BO iterations instead of 41, but a worse best objective (-2.80
-            against -1.96), so it is not the default.
+            :mod:`eeipu_ray.search.design`). Not the default: it bought more
+            BO iterations but a worse best objective
+            (``benchmarks/results/warmup_design.md``).
         warmup_candidates: Candidates per cheap warm-up point.
         pool_source: Which observations' prefixes enter the prefix pool:
             ``"all"`` (the top ``top_q`` of every completed trial) or ``"bo"``
