@@ -52,7 +52,7 @@ from eeipu_ray.cache.errors import (
     CacheStorageError,
     CacheUnreachableError,
 )
-from eeipu_ray.pipeline.keys import check_key
+from eeipu_ray.keys import check_key
 
 __all__ = [
     "DEFAULT_UNREACHABLE_COOLDOWN",

@@ -21,7 +21,7 @@ import xxhash
 
 from eeipu_ray.cache.codecs import PartData, check_part_name, iter_blobs
 from eeipu_ray.errors import CacheIntegrityError, CodecError
-from eeipu_ray.pipeline.keys import chain_key, check_key, root_key
+from eeipu_ray.keys import chain_key, check_key, root_key
 
 MANIFEST_FORMAT = 1
 
@@ -233,7 +233,7 @@ def _file_from_doc(doc: Any) -> FileRecord:
 def _json_default(value: Any) -> Any:
     """JSON for what ``json`` does not know natively. Hyperparameters must read
     back as values that produce the same prefix key, so NumPy scalars become the
-    Python scalar they hold (as :func:`~eeipu_ray.pipeline.keys.canonicalize`
+    Python scalar they hold (as :func:`~eeipu_ray.keys.canonicalize`
     treats them) and mappings/sequences become dicts/lists; anything else is
     written as its ``repr`` (for free-form fields such as ``codec_meta``), and
     :meth:`PrefixCache.store` refuses metadata that does not read back."""

@@ -29,7 +29,7 @@ from eeipu_ray.cache.manifest import (
     verify_part,
 )
 from eeipu_ray.errors import CacheConfigError, CacheIntegrityError, CodecError
-from eeipu_ray.pipeline.keys import check_key
+from eeipu_ray.keys import check_key
 
 logger = logging.getLogger("eeipu_ray.cache")
 

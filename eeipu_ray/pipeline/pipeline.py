@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from eeipu_ray.errors import ConfigError, PipelineDefinitionError
-from eeipu_ray.pipeline.keys import chain_key, root_key
+from eeipu_ray.keys import chain_key, root_key
 from eeipu_ray.pipeline.stage import Stage
 
 if TYPE_CHECKING:
