@@ -223,13 +223,7 @@ class EEIPUSearcher(Searcher):
         self._max_concurrent = max_concurrent or 0
         self._cost = cost or "time"
         self._cost_key = cost_key or (R.TOTAL_ENERGY_JOULES if cost == "energy" else "time_total_s")
-        for i, point in enumerate(points_to_evaluate or []):
-            if not isinstance(point, Mapping):
-                raise ConfigError(
-                    f"points_to_evaluate[{i}] must be a config mapping, got "
-                    f"{type(point).__name__}: {point!r:.200}"
-                )
-        self._points = [copy.deepcopy(dict(p)) for p in points_to_evaluate or []]
+        self._points = _copy_points(points_to_evaluate)
         # The space the searcher encodes: the pipeline's declared space (with the
         # entries of a Tuner's param_space in place), or the plain space as given.
         self._space: dict[str, Any] | None = None
@@ -238,19 +232,23 @@ class EEIPUSearcher(Searcher):
             self._use_space(pipeline.search_space)
         elif space is not None:
             self._use_space(space)
+        self._lookahead = lookahead
+        self._batch_size: int | str = batch_size or "auto"
+        self._init_run_state()
+        if self._ready():
+            self._build_engine()
+
+    def _init_run_state(self) -> None:
+        """The state of a search in progress: none yet."""
         self._engine: BOEngine | None = None
         self._pinned: set[str] = set()
         self._pending_state: dict[str, Any] | None = None
         self._n_evaluated = 0
-        self._lookahead = lookahead
-        self._batch_size: int | str = batch_size or "auto"
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._future: concurrent.futures.Future[Any] | None = None
         self._queue: list[Proposal] = []  # finished lookahead proposals, oldest first
         self._timing = _Timing()
         self._last_results: dict[str, dict[str, Any]] = {}  # by running trial
-        if self._ready():
-            self._build_engine()
 
     # ------------------------------------------------------------ set-up
     def _use_space(self, space: Mapping[str, Any]) -> None:
@@ -925,6 +923,21 @@ def _check_arguments(
         raise SearcherOptionsError(f"cost={cost!r} must be 'time' or 'energy'")
     if cost_key is not None and (not isinstance(cost_key, str) or not cost_key):
         raise SearcherOptionsError(f"cost_key={cost_key!r} must be a non-empty string")
+
+
+def _copy_points(points: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """Deep copies of ``points_to_evaluate``.
+
+    Raises:
+        ConfigError: an entry is not a mapping, naming its index.
+    """
+    for i, point in enumerate(points or []):
+        if not isinstance(point, Mapping):
+            raise ConfigError(
+                f"points_to_evaluate[{i}] must be a config mapping, got "
+                f"{type(point).__name__}: {point!r:.200}"
+            )
+    return [copy.deepcopy(dict(p)) for p in points or []]
 
 
 def _explicit_fields(options: EngineOptions | None, **arguments: Any) -> set[str]:
