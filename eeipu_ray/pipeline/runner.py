@@ -55,7 +55,7 @@ from eeipu_ray.errors import CacheError, CodecError, StageExecutionError
 from eeipu_ray.pipeline.stage import StageContext
 
 if TYPE_CHECKING:
-    from eeipu_ray.cache import PrefixCache
+    from eeipu_ray.cache import CacheHit, PrefixCache
     from eeipu_ray.energy import EnergyMeter, EnergyReading, EnergySpan
     from eeipu_ray.pipeline.pipeline import Pipeline
     from eeipu_ray.pipeline.stage import Stage
@@ -314,6 +314,19 @@ def run_pipeline(
             energy_meter.close()
 
 
+@dataclass
+class _RunState:
+    """What the runner carries from stage to stage of one trial."""
+
+    progress: _Progress
+    records: list[StageRecord] = field(default_factory=list)
+    value: Any = None
+    memoized: int = 0
+    compute_so_far: list[float] = field(default_factory=list)
+    energy_so_far: list[float | None] = field(default_factory=list)
+    sources_so_far: list[str] = field(default_factory=list)
+
+
 def _run(
     pipeline: Pipeline,
     per_stage: list[dict[str, Any]],
@@ -326,6 +339,7 @@ def _run(
     reporter: Callable[[dict[str, Any]], None] | None,
     trial_id: str | None,
 ) -> PipelineRun:
+    """Load the longest cached prefix, then run, meter and store the remaining stages."""
     n = len(pipeline.stages)
     trial_path = (
         Path(trial_dir) if trial_dir is not None else Path(tempfile.mkdtemp(prefix="eeipu-trial-"))
@@ -337,150 +351,196 @@ def _run(
     if meter.shared:
         _warn_shared(meter)
 
-    records: list[StageRecord] = []
-    value: Any = None
-    memoized = 0
-    compute_so_far: list[float] = []
-    energy_so_far: list[float | None] = []
-    sources_so_far: list[str] = []
-    progress = _Progress(reporter, metered=meter.measured)
+    state = _RunState(progress=_Progress(reporter, metered=meter.measured))
 
     # 1-2. Longest cached proper prefix (the last stage is never stored).
     if cache is not None:
-        for k in range(n - 1, 0, -1):
-            span = meter.begin()
-            try:
-                hit = cache.load(keys[k - 1], workdir=restore_dir)
-            except (CacheError, OSError) as exc:
-                # An unreachable or failing cache costs this trial its memo, not its result.
-                logger.warning(
-                    "stage %r: cache lookup failed (%s); treating it as a miss",
-                    pipeline.stages[k - 1].name,
-                    exc,
-                )
-                hit = None
-            if hit is None:
-                continue
-            load_reading = span.read()
-            meta = hit.manifest.meta
-            memoized, value = k, hit.value
-            compute_so_far = list(meta.compute_seconds)
-            energy_so_far = (
-                list(meta.compute_energy_joules)
-                if meta.compute_energy_joules is not None
-                else [None] * k
-            )
-            sources_so_far = (
-                list(meta.energy_sources) if meta.energy_sources is not None else ["none"] * k
-            )
-            for i in range(k):
-                stage = pipeline.stages[i]
-                if stage.load_cost is not None:
-                    spent = float(stage.load_cost)
-                else:
-                    spent = hit.seconds if i == k - 1 else 0.0
-                record = StageRecord(
-                    name=stage.name,
-                    index=i + 1,
-                    prefix_key=keys[i],
-                    status="loaded",
-                    cost=spent,
-                    compute_cost=float(compute_so_far[i]),
-                    bytes=hit.manifest.total_bytes if i == k - 1 else 0,
-                    load_seconds=hit.seconds if i == k - 1 else 0.0,
-                    producer=dict(hit.manifest.producer) if i == k - 1 else {},
-                    compute_energy_joules=_joules_or_none(energy_so_far[i]),
-                )
-                record._take_energy(load_reading, spent=i == k - 1)
-                records.append(record)
-                progress.finished(record)
-            logger.info(
-                "pipeline %s: loaded stages 1..%d from cache (%.3fs, %s layer)",
-                pipeline.name,
-                k,
-                hit.seconds,
-                hit.layer,
-            )
-            break
+        _load_longest_prefix(pipeline, keys, cache, meter, restore_dir, state)
 
     # 3-4. Run the rest, timing and metering each stage and storing every output but the last.
     params_so_far = {s.name: p for s, p in zip(pipeline.stages, per_stage, strict=True)}
-    for i in range(memoized, n):
+    for i in range(state.memoized, n):
         stage = pipeline.stages[i]
-        params = per_stage[i]
         ctx = StageContext(
             stage=stage.name,
             index=i + 1,
             trial_dir=trial_path / stage.name,
             device=device,
             params={s.name: params_so_far[s.name] for s in pipeline.stages[: i + 1]},
-            _reporter=progress if reporter is not None else None,
+            _reporter=state.progress if reporter is not None else None,
         )
         ctx.trial_dir.mkdir(parents=True, exist_ok=True)
-        _sync_cuda()
-        span = meter.begin()
-        progress.running(span, declared=stage.cost is not None)
-        start = time.perf_counter()
-        try:
-            value = stage.call(value, params, ctx)
-        except Exception as exc:
-            raise StageExecutionError(
-                f"stage {stage.name!r} (#{i + 1} of pipeline {pipeline.name!r}) failed with "
-                f"hyperparameters {params!r}: {exc!r}",
-                spent=_spent_before_failure(
-                    records, memoized, stage, keys[i], params, time.perf_counter() - start, span
-                ),
-            ) from exc
-        _sync_cuda()
-        measured = time.perf_counter() - start
-        compute_reading = span.read()
-        declared = ctx._charged
-        if declared is None and stage.cost is not None:
-            try:
-                declared = float(stage.cost(params))
-            except Exception as exc:
-                raise StageExecutionError(
-                    f"stage {stage.name!r}: its cost function failed for hyperparameters "
-                    f"{params!r}: {exc!r}"
-                ) from exc
-            if not (math.isfinite(declared) and declared >= 0.0):
-                raise StageExecutionError(
-                    f"stage {stage.name!r}: declared cost {declared!r} for {params!r} is not "
-                    "a finite number >= 0"
-                )
-        compute = measured if declared is None else declared
-        compute_so_far.append(compute)
-        energy_so_far.append(compute_reading.joules)
-        sources_so_far.append(compute_reading.source)
-        record = StageRecord(
-            name=stage.name,
-            index=i + 1,
-            prefix_key=keys[i],
-            status="executed",
-            cost=compute,
-            compute_cost=compute,
-            compute_energy_joules=compute_reading.joules,
+        record, span, declared = _execute_stage(
+            pipeline, i, per_stage[i], keys[i], ctx, meter, state
         )
         if cache is not None and i < n - 1:
             _store(
                 cache,
                 pipeline,
                 keys[i],
-                value,
+                state.value,
                 params=per_stage[: i + 1],
-                compute=compute_so_far,
-                energy=energy_so_far,
-                sources=sources_so_far,
+                compute=state.compute_so_far,
+                energy=state.energy_so_far,
+                sources=state.sources_so_far,
                 trial_id=trial_id,
                 record=record,
-                declared=declared is not None,
+                declared=declared,
             )
         record._take_energy(span.read())  # compute + store
-        records.append(record)
-        progress.finished(record)
-    return PipelineRun(
-        output=value, stages=records, memoized_stages=memoized, energy_shared=meter.shared
+        state.records.append(record)
+        state.progress.finished(record)
+    return PipelineRun(state.value, state.records, state.memoized, energy_shared=meter.shared)
+
+
+def _load_longest_prefix(
+    pipeline: Pipeline,
+    keys: list[str],
+    cache: PrefixCache,
+    meter: EnergyMeter,
+    restore_dir: Path,
+    state: _RunState,
+) -> None:
+    """Load the longest cached proper prefix into ``state``, if any is cached."""
+    for k in range(len(pipeline.stages) - 1, 0, -1):
+        span = meter.begin()
+        try:
+            hit = cache.load(keys[k - 1], workdir=restore_dir)
+        except (CacheError, OSError) as exc:
+            # An unreachable or failing cache costs this trial its memo, not its result.
+            logger.warning(
+                "stage %r: cache lookup failed (%s); treating it as a miss",
+                pipeline.stages[k - 1].name,
+                exc,
+            )
+            hit = None
+        if hit is None:
+            continue
+        _take_prefix(pipeline, keys, k, hit, span.read(), state)
+        logger.info(
+            "pipeline %s: loaded stages 1..%d from cache (%.3fs, %s layer)",
+            pipeline.name,
+            k,
+            hit.seconds,
+            hit.layer,
+        )
+        return
+
+
+def _take_prefix(
+    pipeline: Pipeline,
+    keys: list[str],
+    k: int,
+    hit: CacheHit,
+    load_reading: EnergyReading,
+    state: _RunState,
+) -> None:
+    """Record the loaded stages ``1..k`` of cache hit ``hit`` in ``state``."""
+    meta = hit.manifest.meta
+    state.memoized, state.value = k, hit.value
+    state.compute_so_far = list(meta.compute_seconds)
+    state.energy_so_far = (
+        list(meta.compute_energy_joules) if meta.compute_energy_joules is not None else [None] * k
     )
+    state.sources_so_far = (
+        list(meta.energy_sources) if meta.energy_sources is not None else ["none"] * k
+    )
+    for i in range(k):
+        stage = pipeline.stages[i]
+        deepest = i == k - 1
+        if stage.load_cost is not None:
+            spent = float(stage.load_cost)
+        else:
+            spent = hit.seconds if deepest else 0.0
+        record = StageRecord(
+            name=stage.name,
+            index=i + 1,
+            prefix_key=keys[i],
+            status="loaded",
+            cost=spent,
+            compute_cost=float(state.compute_so_far[i]),
+            bytes=hit.manifest.total_bytes if deepest else 0,
+            load_seconds=hit.seconds if deepest else 0.0,
+            producer=dict(hit.manifest.producer) if deepest else {},
+            compute_energy_joules=_joules_or_none(state.energy_so_far[i]),
+        )
+        record._take_energy(load_reading, spent=deepest)
+        state.records.append(record)
+        state.progress.finished(record)
+
+
+def _execute_stage(
+    pipeline: Pipeline,
+    i: int,
+    params: dict[str, Any],
+    key: str,
+    ctx: StageContext,
+    meter: EnergyMeter,
+    state: _RunState,
+) -> tuple[StageRecord, EnergySpan, bool]:
+    """Run stage ``i`` on ``state.value``, timing and metering it.
+
+    Returns its record (compute cost, energy not yet taken), the open energy
+    span and whether its cost was declared rather than measured.
+    """
+    stage = pipeline.stages[i]
+    _sync_cuda()
+    span = meter.begin()
+    state.progress.running(span, declared=stage.cost is not None)
+    start = time.perf_counter()
+    try:
+        state.value = stage.call(state.value, params, ctx)
+    except Exception as exc:
+        raise StageExecutionError(
+            f"stage {stage.name!r} (#{i + 1} of pipeline {pipeline.name!r}) failed with "
+            f"hyperparameters {params!r}: {exc!r}",
+            spent=_spent_before_failure(
+                state.records,
+                state.memoized,
+                stage,
+                key,
+                params,
+                time.perf_counter() - start,
+                span,
+            ),
+        ) from exc
+    _sync_cuda()
+    measured = time.perf_counter() - start
+    compute_reading = span.read()
+    declared = ctx._charged
+    if declared is None and stage.cost is not None:
+        declared = _declared_cost(stage.name, stage.cost, params)
+    compute = measured if declared is None else declared
+    state.compute_so_far.append(compute)
+    state.energy_so_far.append(compute_reading.joules)
+    state.sources_so_far.append(compute_reading.source)
+    record = StageRecord(
+        name=stage.name,
+        index=i + 1,
+        prefix_key=key,
+        status="executed",
+        cost=compute,
+        compute_cost=compute,
+        compute_energy_joules=compute_reading.joules,
+    )
+    return record, span, declared is not None
+
+
+def _declared_cost(
+    name: str, cost: Callable[[Mapping[str, Any]], float], params: dict[str, Any]
+) -> float:
+    """The cost ``cost`` declares for stage ``name`` run on ``params``; checked finite, >= 0."""
+    try:
+        declared = float(cost(params))
+    except Exception as exc:
+        raise StageExecutionError(
+            f"stage {name!r}: its cost function failed for hyperparameters {params!r}: {exc!r}"
+        ) from exc
+    if not (math.isfinite(declared) and declared >= 0.0):
+        raise StageExecutionError(
+            f"stage {name!r}: declared cost {declared!r} for {params!r} is not a finite number >= 0"
+        )
+    return declared
 
 
 class _Progress:
