@@ -941,30 +941,13 @@ class BOEngine:
         seed = opts.seed + 7919 * step
         parts = self._acquisition_parts(models, store, eta)
         available = _memoized(available)  # one cache lookup per key and step
-        if reserved:
-            store = store.snapshot()
-            for i, config in enumerate(reserved):
-                store.add_pending(
-                    f"__reserved-{step}-{i}", _copy_config(config), self.space.to_unit(config)
-                )
+        store = self._with_reserved(store, reserved, step)
         stale = self.stale_prefixes(store) if self.strategy.memoization_aware else set()
         acqf, cached = self._acquisition(parts, store, available, stale)
 
         pool = self._prefix_pool(store, available, stale)
         try:
-            ranked = rank_over_pool(
-                acqf,
-                pool,
-                self._prefix_dims,
-                self.space.dim,
-                OptimizeOptions(
-                    num_restarts=opts.num_restarts,
-                    raw_samples=opts.raw_samples,
-                    maxiter=opts.maxiter,
-                ),
-                seed=seed,
-                keep_raw=_BATCH_RAW_CANDIDATES if q > 1 else 0,
-            )
+            ranked = self._rank_pool(acqf, pool, seed, q)
         except AcquisitionError as exc:
             # Objectives or costs of extreme magnitude (|y| ~ 1e154 and beyond
             # overflow the GP's standardization): no point is better than another.
@@ -981,26 +964,84 @@ class BOEngine:
         snapped = self.space.snap(torch.stack([c.x for c in ranked]))
         repeat = self._is_repeat(snapped, store)
         fresh = [i for i, r in enumerate(repeat.tolist()) if not r]
-        if fresh:
-            first: Candidate | None = ranked[fresh[0]]
-            x = ranked[fresh[0]].x
-        else:
-            logger.info(
-                "BO step %d: every optimized candidate repeats a tried config; exploring a "
-                "random point instead",
-                step,
-            )
-            first = None
-            x = self._random.propose(10_000 + step)
+        first = self._first_fresh(ranked, fresh, step)
+        x = first.x if first is not None else self._random.propose(10_000 + step)
         proposals = [self._proposal(store, first, x, cached, eta, step)]
         if q == 1 or not fresh:
             return proposals
 
-        # Greedy batch: the chosen points become pending, the rest is re-scored.
-        work = store.snapshot()
-        X_cand = torch.stack([c.x for c in ranked])
         taken = repeat.clone()
         taken[fresh[0]] = True
+        self._extend_batch(
+            proposals, ranked, snapped, taken, store, parts, available, stale, q, step
+        )
+        return proposals
+
+    def _with_reserved(
+        self, store: TrialStore, reserved: Sequence[Mapping[str, Any]], step: int
+    ) -> TrialStore:
+        """``store``, or a snapshot of it with the ``reserved`` configs added as pending."""
+        if reserved:
+            store = store.snapshot()
+            for i, config in enumerate(reserved):
+                store.add_pending(
+                    f"__reserved-{step}-{i}", _copy_config(config), self.space.to_unit(config)
+                )
+        return store
+
+    def _rank_pool(
+        self, acqf: CostAwareLogEI, pool: Sequence[Prefix], seed: int, q: int
+    ) -> list[Candidate]:
+        """The optimizer's candidates over ``pool``, best first (raw samples too for a batch)."""
+        opts = self.options
+        return rank_over_pool(
+            acqf,
+            pool,
+            self._prefix_dims,
+            self.space.dim,
+            OptimizeOptions(
+                num_restarts=opts.num_restarts,
+                raw_samples=opts.raw_samples,
+                maxiter=opts.maxiter,
+            ),
+            seed=seed,
+            keep_raw=_BATCH_RAW_CANDIDATES if q > 1 else 0,
+        )
+
+    def _first_fresh(
+        self, ranked: Sequence[Candidate], fresh: Sequence[int], step: int
+    ) -> Candidate | None:
+        """The best candidate of an untried config (``fresh``: their indices), or
+        ``None`` (logged) when every candidate repeats a tried config."""
+        if fresh:
+            return ranked[fresh[0]]
+        logger.info(
+            "BO step %d: every optimized candidate repeats a tried config; exploring a "
+            "random point instead",
+            step,
+        )
+        return None
+
+    def _extend_batch(
+        self,
+        proposals: list[Proposal],
+        ranked: Sequence[Candidate],
+        snapped: Tensor,
+        taken: Tensor,
+        store: TrialStore,
+        parts: _AcquisitionParts,
+        available: Callable[[str], bool] | None,
+        stale: Collection[PrefixId],
+        q: int,
+        step: int,
+    ) -> None:
+        """Greedy batch: append up to ``q - len(proposals)`` proposals to ``proposals``.
+
+        The chosen points become pending, the rest of ``ranked`` (``snapped``: their
+        snapped points; ``taken``: which are tried or chosen, updated) is re-scored.
+        """
+        work = store.snapshot()
+        X_cand = torch.stack([c.x for c in ranked])
         for j in range(1, q):
             chosen = proposals[-1]
             work.add_pending(
@@ -1022,8 +1063,9 @@ class BOEngine:
                 break
             taken[best] = True
             candidate = replace(ranked[best], value=float(values[best]))
-            proposals.append(self._proposal(work, candidate, candidate.x, cached_j, eta, step))
-        return proposals
+            proposals.append(
+                self._proposal(work, candidate, candidate.x, cached_j, parts.eta, step)
+            )
 
     def _acquisition_parts(
         self, models: SurrogateModels, store: TrialStore, eta: float

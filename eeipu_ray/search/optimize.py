@@ -187,6 +187,43 @@ def rank_over_pool(
     if not pool:
         raise ValueError("the prefix pool is empty; it always holds the empty prefix")
     options = options or OptimizeOptions()
+    fixed, template = _pool_template(pool, prefix_dims, dim)
+
+    raw = _sobol(dim, options.raw_samples, seed)  # R x d, shared by all prefixes
+    # Prefix i scores the first n_raw[i] raw points, its fixed dimensions overwritten.
+    n_free = (~fixed).sum(-1).tolist()
+    n_raw = _shares(
+        options.raw_samples, min(options.num_restarts, options.raw_samples), n_free, dim
+    )
+    X_raw = torch.cat(
+        [torch.where(fixed[i], template[i], raw[: n_raw[i]]) for i in range(len(pool))]
+    )  # sum(n_raw) x d
+    with torch.no_grad():
+        vals = _evaluate(acqf, X_raw.unsqueeze(-2), options.batch_limit)
+
+    # Restarts, likewise, in proportion to the free dimensions: a prefix that fixes
+    # most of the cube leaves a small problem that a few restarts cover.
+    n_restarts = _shares(
+        options.num_restarts, min(_MIN_RESTARTS, options.num_restarts), n_free, dim
+    )
+    X0, owners, owner = _restart_points(X_raw, vals, n_raw, n_restarts, seed)
+
+    extra = _best_raw(X_raw, vals, n_raw, pool, keep_raw)
+    wrapped = _PoolAcquisition(acqf, fixed, template)
+    if not _has_gradient(wrapped, X0[:1]):
+        # Every free dimension is discrete (snapped to its cells): the best raw
+        # points are all there is to find; L-BFGS-B would see no gradient.
+        with torch.no_grad():
+            return _ranked(X0, wrapped(X0), owners, fixed, template, pool, dim) + extra
+    cands, cand_vals = _run_lbfgsb(wrapped, X0, owner, dim, options.maxiter)
+    return _ranked(cands, cand_vals, owners, fixed, template, pool, dim) + extra
+
+
+def _pool_template(
+    pool: Sequence[Prefix], prefix_dims: Sequence[Sequence[int]], dim: int
+) -> tuple[Tensor, Tensor]:
+    """``BoolTensor[P, d]``, which dimensions each prefix fixes, and ``Tensor[P, d]``,
+    the fixed values (zero elsewhere)."""
     n_pool = len(pool)
     fixed = torch.zeros(n_pool, dim, dtype=torch.bool)
     template = torch.zeros(n_pool, dim, dtype=torch.double)
@@ -195,32 +232,23 @@ def rank_over_pool(
             dims = list(prefix_dims[prefix.depth])
             fixed[i, dims] = True
             template[i, dims] = prefix.x[dims].to(torch.double)
+    return fixed, template
 
-    raw = _sobol(dim, options.raw_samples, seed)  # R x d, shared by all prefixes
-    # Prefix i scores the first n_raw[i] raw points, its fixed dimensions overwritten.
-    n_free = (~fixed).sum(-1).tolist()
-    n_raw = [
-        max(
-            min(options.num_restarts, options.raw_samples),
-            math.ceil(options.raw_samples * free / max(dim, 1)),
-        )
-        for free in n_free
-    ]
-    X_raw = torch.cat(
-        [torch.where(fixed[i], template[i], raw[: n_raw[i]]) for i in range(n_pool)]
-    )  # sum(n_raw) x d
-    with torch.no_grad():
-        vals = _evaluate(acqf, X_raw.unsqueeze(-2), options.batch_limit)
 
-    # Restarts, likewise, in proportion to the free dimensions: a prefix that fixes
-    # most of the cube leaves a small problem that a few restarts cover.
-    n_restarts = [
-        max(
-            min(_MIN_RESTARTS, options.num_restarts),
-            math.ceil(options.num_restarts * free / max(dim, 1)),
-        )
-        for free in n_free
-    ]
+def _shares(total: int, floor: int, n_free: Sequence[int], dim: int) -> list[int]:
+    """Per prefix, ``total`` in proportion to its free dimensions, at least ``floor``."""
+    return [max(floor, math.ceil(total * free / max(dim, 1))) for free in n_free]
+
+
+def _restart_points(
+    X_raw: Tensor, vals: Tensor, n_raw: Sequence[int], n_restarts: Sequence[int], seed: int
+) -> tuple[Tensor, list[int], Tensor]:
+    """The restarts' starting points ``b x 1 x (d + 1)`` (last column: the owning
+    prefix), the owners as a list and as ``Tensor[b]``.
+
+    Raises:
+        AcquisitionError: No raw sample of any prefix has a finite value.
+    """
     starts, owners = [], []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -234,14 +262,17 @@ def rank_over_pool(
         )
     owner = torch.tensor(owners, dtype=torch.double)
     X0 = torch.cat([torch.cat(starts), owner.unsqueeze(-1)], dim=-1).unsqueeze(-2)  # b x 1 x d+1
+    return X0, owners, owner
 
-    extra = _best_raw(X_raw, vals, n_raw, pool, keep_raw)
-    wrapped = _PoolAcquisition(acqf, fixed, template)
-    if not _has_gradient(wrapped, X0[:1]):
-        # Every free dimension is discrete (snapped to its cells): the best raw
-        # points are all there is to find; L-BFGS-B would see no gradient.
-        with torch.no_grad():
-            return _ranked(X0, wrapped(X0), owners, fixed, template, pool, dim) + extra
+
+def _run_lbfgsb(
+    wrapped: _PoolAcquisition, X0: Tensor, owner: Tensor, dim: int, maxiter: int
+) -> tuple[Tensor, Tensor]:
+    """All restarts from ``X0`` as one batched L-BFGS-B problem: end points and values.
+
+    Warns (:class:`AcquisitionWarning`, attributed to the caller of
+    :func:`rank_over_pool`) and returns the starting points on NaN gradients.
+    """
     with warnings.catch_warnings(record=True) as caught:
         # L-BFGS-B stopping at the iteration limit or on a line-search failure
         # still returns its best point; say so at debug level only.
@@ -254,7 +285,7 @@ def rank_over_pool(
                 upper_bounds=1.0,
                 # one problem at a time if BoTorch must leave its batched L-BFGS-B path
                 options={
-                    "maxiter": options.maxiter,
+                    "maxiter": maxiter,
                     "max_optimization_problem_aggregation_size": 1,
                 },
                 fixed_features={dim: owner},  # the owner column is never optimized
@@ -266,7 +297,7 @@ def rank_over_pool(
                 f"acquisition gradient is NaN ({exc}); using the best raw samples "
                 "instead of optimized candidates",
                 AcquisitionWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             with torch.no_grad():
                 cands, cand_vals = X0, wrapped(X0)
@@ -275,7 +306,7 @@ def rank_over_pool(
             logger.debug("acquisition optimizer: %s", w.message)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return _ranked(cands, cand_vals, owners, fixed, template, pool, dim) + extra
+    return cands, cand_vals
 
 
 def _best_raw(
