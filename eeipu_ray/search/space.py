@@ -423,6 +423,15 @@ def _make_dimension(
     if not isinstance(value, rs.Float | rs.Integer):
         raise SearchSpaceError(f"{shown!r}: unsupported domain {type(value).__name__}")
 
+    return _numeric_dimension(stage, key, stage_index, value, sampler, shown)
+
+
+def _numeric_dimension(
+    stage: str, key: str, stage_index: int, value: Any, sampler: Any, shown: str
+) -> Dimension:
+    """The dimension of a bounded float or integer domain (continuous or a grid)."""
+    from ray.tune.search import sample as rs
+
     q: float | None = None
     base = sampler
     if isinstance(sampler, rs.Quantized):
@@ -463,7 +472,23 @@ def _make_dimension(
             bounds=(lower, upper) if log else None,
         )
 
-    # A grid of values (k0 + j) * step, j = 0 .. n - 1, as Ray samples them.
+    return _grid_dimension(stage, key, stage_index, kind, q, lower, upper, log=log, shown=shown)
+
+
+def _grid_dimension(
+    stage: str,
+    key: str,
+    stage_index: int,
+    kind: DimKind,
+    q: float | None,
+    lower: float,
+    upper: float,
+    *,
+    log: bool,
+    shown: str,
+) -> Dimension:
+    """A grid of values ``(k0 + j) * step``, ``j = 0 .. n - 1``, as Ray samples them."""
+    is_int = kind == "int"
     step = float(q) if q is not None else 1.0
     if step <= 0:
         raise SearchSpaceError(f"{shown!r}: quantization q={q} must be > 0")
