@@ -690,8 +690,8 @@ def build_pipeline(
             teacher: ``"teacher"`` (its embeddings and every other block) or
             ``"random"`` (seeded). Ignored with ``student_path``.
 
-    At the defaults a full trial takes 4 to 18 s on one CPU core (see the
-    module docstring); tests pass smaller values.
+    At the defaults a full trial takes seconds on one CPU core (stage times:
+    docs/benchmarks.md); tests pass smaller values.
 
     Raises:
         FileNotFoundError: a path that does not exist (named).
@@ -705,6 +705,60 @@ def build_pipeline(
     """
     from ray import tune
 
+    _check_settings(size, student_init, n_train, n_val, max_epochs, distill_epochs)
+    data_file = Path(_existing(data_path, "data_path")) if data_path is not None else DEFAULT_DATA
+    sources, _ = read_pairs(data_file)  # fail now, not in the first trial
+    _split(len(sources), n_val, n_train, 0, data_file)
+    teacher_dir, student_dir, tokenizer_dir = _model_dirs(
+        teacher_path, student_path, tokenizer_path
+    )
+    low_epochs = max(1, max_epochs // 4)
+    data_space = {
+        "source_len": tune.choice([32, 48, 64]),
+        "target_len": tune.choice([24, 32, 40]),
+        "batch_size": tune.choice([8, 16, 32]),
+        "data_path": str(data_file) if data_path is not None else None,
+        "data_sha256": _file_digest(data_file),
+        "tokenizer_path": tokenizer_dir,
+        "tokenizer_fingerprint": _dir_fingerprint(tokenizer_dir),
+        "n_train": n_train,
+        "n_val": n_val,
+        "seed": 0,
+    }
+    teacher_space = {
+        "lr": tune.loguniform(5e-4, 1e-2),
+        "weight_decay": tune.loguniform(1e-4, 1e-1),
+        "epochs": tune.randint(low_epochs, max_epochs + 1),
+        "model_path": teacher_dir,
+        "model_fingerprint": _dir_fingerprint(teacher_dir),
+        "size": size if teacher_dir is None else None,
+        "seed": 0,
+    }
+    stages = [Stage("data", _data, data_space), Stage("teacher", _teacher, teacher_space)]
+    for segment in range(1, 4):
+        space = _distill_space(segment, distill_epochs)
+        if segment == 1:
+            space.update(
+                {
+                    "model_path": student_dir,
+                    "model_fingerprint": _dir_fingerprint(student_dir),
+                    "student_init": student_init if student_dir is None else None,
+                }
+            )
+        stages.append(Stage(f"distill{segment}", _distill, space))
+    stages.append(Stage("evaluate", _evaluate, {"num_beams": tune.choice([1, 2, 4])}))
+    return Pipeline("t5", stages)
+
+
+def _check_settings(
+    size: str,
+    student_init: str,
+    n_train: int | None,
+    n_val: int,
+    max_epochs: int,
+    distill_epochs: int,
+) -> None:
+    """Refuse a bad :func:`build_pipeline` setting, naming it."""
     if size not in SIZES:
         raise PipelineDefinitionError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     if student_init not in ("teacher", "random"):
@@ -723,9 +777,16 @@ def build_pipeline(
     ):
         raise PipelineDefinitionError(f"n_train must be None or an int >= 1, got {n_train!r}")
 
-    data_file = Path(_existing(data_path, "data_path")) if data_path is not None else DEFAULT_DATA
-    sources, _ = read_pairs(data_file)  # fail now, not in the first trial
-    _split(len(sources), n_val, n_train, 0, data_file)
+
+def _model_dirs(
+    teacher_path: str | Path | None,
+    student_path: str | Path | None,
+    tokenizer_path: str | Path | None,
+) -> tuple[str | None, str | None, str | None]:
+    """The teacher, student and tokenizer directories, checked against each other.
+
+    The tokenizer defaults to the teacher's directory when it holds one.
+    """
     teacher_dir = _existing(teacher_path, "teacher_path", directory=True)
     student_dir = _existing(student_path, "student_path", directory=True)
     tokenizer_dir = _existing(tokenizer_path, "tokenizer_path", directory=True)
@@ -749,56 +810,18 @@ def build_pipeline(
                 f"student_path {student_dir!r} has a vocabulary of {student_config.vocab_size}, "
                 f"the teacher one of {teacher_vocab}; distillation needs the same vocabulary"
             )
+    return teacher_dir, student_dir, tokenizer_dir
 
-    low_epochs = max(1, max_epochs // 4)
-    stages = [
-        Stage(
-            "data",
-            _data,
-            {
-                "source_len": tune.choice([32, 48, 64]),
-                "target_len": tune.choice([24, 32, 40]),
-                "batch_size": tune.choice([8, 16, 32]),
-                "data_path": str(data_file) if data_path is not None else None,
-                "data_sha256": _file_digest(data_file),
-                "tokenizer_path": tokenizer_dir,
-                "tokenizer_fingerprint": _dir_fingerprint(tokenizer_dir),
-                "n_train": n_train,
-                "n_val": n_val,
-                "seed": 0,
-            },
-        ),
-        Stage(
-            "teacher",
-            _teacher,
-            {
-                "lr": tune.loguniform(5e-4, 1e-2),
-                "weight_decay": tune.loguniform(1e-4, 1e-1),
-                "epochs": tune.randint(low_epochs, max_epochs + 1),
-                "model_path": teacher_dir,
-                "model_fingerprint": _dir_fingerprint(teacher_dir),
-                "size": size if teacher_dir is None else None,
-                "seed": 0,
-            },
-        ),
-    ]
-    for segment in range(1, 4):
-        space: dict[str, Any] = {
-            "lr": tune.loguniform(5e-4, 1e-2),
-            "temperature": tune.uniform(1.0, 4.0),
-            "weight_decay": tune.loguniform(1e-4, 1e-1),
-            "epochs": distill_epochs,
-            "alpha": ALPHA,  # documents the constant in every trial's config
-            "seed": segment,
-        }
-        if segment == 1:
-            space.update(
-                {
-                    "model_path": student_dir,
-                    "model_fingerprint": _dir_fingerprint(student_dir),
-                    "student_init": student_init if student_dir is None else None,
-                }
-            )
-        stages.append(Stage(f"distill{segment}", _distill, space))
-    stages.append(Stage("evaluate", _evaluate, {"num_beams": tune.choice([1, 2, 4])}))
-    return Pipeline("t5", stages)
+
+def _distill_space(segment: int, distill_epochs: int) -> dict[str, Any]:
+    """The search space of distillation segment ``segment`` (1, 2 or 3)."""
+    from ray import tune
+
+    return {
+        "lr": tune.loguniform(5e-4, 1e-2),
+        "temperature": tune.uniform(1.0, 4.0),
+        "weight_decay": tune.loguniform(1e-4, 1e-1),
+        "epochs": distill_epochs,
+        "alpha": ALPHA,  # documents the constant in every trial's config
+        "seed": segment,
+    }
