@@ -82,6 +82,8 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from eeipu_ray import result as R
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic_sweep import f, load_rows, machine_info, mean_se
@@ -191,7 +193,7 @@ class BudgetLimiter(Searcher):
         cost_key: Result key holding a trial's cost.
     """
 
-    def __init__(self, searcher: Any, budget: float, cost_key: str = "total_cost") -> None:
+    def __init__(self, searcher: Any, budget: float, cost_key: str = R.TOTAL_COST) -> None:
         if not (isinstance(budget, int | float) and math.isfinite(budget) and budget > 0):
             raise ValueError(f"budget={budget!r} must be a finite number > 0")
         super().__init__(metric=searcher.metric, mode=searcher.mode)
@@ -376,7 +378,7 @@ def summarize(
     curve: list[tuple[float, float]] = []  # (cost spent, best so far) after each trial
     scores: list[float] = []
     for entry in log:
-        cost = entry.get("total_cost")
+        cost = entry.get(R.TOTAL_COST)
         if isinstance(cost, int | float) and math.isfinite(cost):
             spent += float(cost)
         score = entry.get("score")
@@ -400,7 +402,7 @@ def summarize(
         "best": best_all,
         "best_warmup": best_warm,
         "gain": best_all - best_warm,
-        "memo": sum(int(e.get("memoized_stages") or 0) > 0 for e in log),
+        "memo": sum(int(e.get(R.MEMOIZED_STAGES) or 0) > 0 for e in log),
         "spent": spent,
         "curve": curve,
     }

@@ -76,6 +76,7 @@ from compare import (
 from optima import OPTIMA_FILE, load_optima
 from synthetic_sweep import f, machine_info, mean_se
 
+from eeipu_ray import result as R
 from eeipu_ray.cli import UsageError, parse_key_values
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -240,7 +241,7 @@ def _simulate_workers(searcher: Any, pipeline: Any, cache: Any, workers: int,
             view = _DeferredCache(cache, rundir / "scratch" / trial_id) if workers > 1 else None
             target = cache if view is None else view
             result = pipeline.run(config, target, trial_id=trial_id).to_result("score")
-            duration = float(result.get("total_cost") or 0.0)
+            duration = float(result.get(R.TOTAL_COST) or 0.0)
             heapq.heappush(running, (now + duration, i, trial_id, result, view))
             i += 1
         if not running:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
+from eeipu_ray import result as R
 from eeipu_ray.cache import PrefixCache
 from eeipu_ray.errors import EnergyMeterError, StageExecutionError
 
@@ -138,7 +139,7 @@ def pipeline_trainable(
                 # What the trial spent, before it fails: the searcher charges it
                 # (Tune tells a searcher of an errored trial nothing else). The
                 # metric must be in every report; NaN marks the failure.
-                tune.report({**exc.spent, metric: math.nan, "stage_failed": 1})
+                tune.report({**exc.spent, metric: math.nan, R.STAGE_FAILED: 1})
             raise
         finally:
             meter.close()
