@@ -42,6 +42,7 @@ import logging
 import math
 import numbers
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -263,7 +264,9 @@ def run_pipeline(
         config: Hyperparameters, nested ``{stage: {key: value}}`` or flat ``"stage/key"``.
         cache: Where stage outputs are looked up and stored; ``None`` runs every
             stage and stores nothing.
-        trial_dir: Scratch directory for stages (a temporary one by default).
+        trial_dir: Scratch directory for stages, kept after the run. By default a
+            temporary one, removed when the run ends (pass a directory to keep
+            what the stages write there).
         device: Device string handed to stages.
         reporter: Receives ``ctx.report(...)`` progress dicts, with the trial's
             running ``total_cost``, ``total_cpu_seconds`` and (with a meter)
@@ -297,6 +300,10 @@ def run_pipeline(
         raise ValueError(f"meter={meter!r}: pass 'auto', None or an EnergyMeter")
     else:
         energy_meter, owned = meter, False
+    scratch = None
+    if trial_dir is None:
+        scratch = tempfile.mkdtemp(prefix="eeipu-trial-")
+        trial_dir = scratch
     try:
         return _run(
             pipeline,
@@ -312,6 +319,8 @@ def run_pipeline(
     finally:
         if owned:
             energy_meter.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 @dataclass
@@ -334,16 +343,14 @@ def _run(
     cache: PrefixCache | None,
     meter: EnergyMeter,
     *,
-    trial_dir: str | os.PathLike[str] | None,
+    trial_dir: str | os.PathLike[str],
     device: str,
     reporter: Callable[[dict[str, Any]], None] | None,
     trial_id: str | None,
 ) -> PipelineRun:
     """Load the longest cached prefix, then run, meter and store the remaining stages."""
     n = len(pipeline.stages)
-    trial_path = (
-        Path(trial_dir) if trial_dir is not None else Path(tempfile.mkdtemp(prefix="eeipu-trial-"))
-    )
+    trial_path = Path(trial_dir)
     trial_path.mkdir(parents=True, exist_ok=True)
     # A name no stage can have (stage names never start with "."): a stage's
     # scratch directory trial_path/<stage> never holds restored inputs.

@@ -448,15 +448,41 @@ def test_stage_context(tmp_path):
     assert 0.0 <= reports[0]["total_cost"] <= run.total_cost
 
 
-def test_default_trial_dir_is_created():
+def test_default_trial_dir_is_created_and_removed_after_the_run(cache):
+    """Without a trial_dir the runner's own scratch directory does not outlive the run,
+    whether the run succeeds, hits the cache or fails; a given trial_dir is kept."""
     dirs = []
 
     def a(_, hp, ctx):
         dirs.append(ctx.trial_dir)
-        return ctx.trial_dir.is_dir()
+        (ctx.trial_dir / "scratch.bin").write_bytes(b"x" * hp["n"])
+        return np.arange(float(hp["n"]))
 
-    assert Pipeline("d", [Stage("a", a)]).run({}).output is True
-    shutil.rmtree(dirs[0].parent, ignore_errors=True)
+    def b(x, hp, ctx):
+        dirs.append(ctx.trial_dir)
+        if hp["fail"]:
+            raise RuntimeError("boom")
+        return {"score": float(x.sum()), "dir_existed": ctx.trial_dir.is_dir()}
+
+    p = Pipeline("d", [Stage("a", a, {"n": 3}), Stage("b", b, {"fail": False})])
+    first = p.run({}, cache)
+    again = p.run({}, cache)  # loads stage a from the cache
+    assert first.output == again.output == {"score": 3.0, "dir_existed": True}
+    assert again.memoized_stages == 1
+    with pytest.raises(StageExecutionError):
+        p.run({"b": {"fail": True}}, cache)
+    roots = {d.parent for d in dirs}
+    assert len(roots) == 3
+    assert not any(r.exists() for r in roots)
+
+
+def test_given_trial_dir_is_kept(tmp_path):
+    def a(_, hp, ctx):
+        (ctx.trial_dir / "model.txt").write_text("weights")
+        return 1.0
+
+    Pipeline("k", [Stage("a", a)]).run({}, trial_dir=tmp_path / "mine")
+    assert (tmp_path / "mine" / "a" / "model.txt").read_text() == "weights"
 
 
 def test_path_output_is_restored_and_scratch_cleanup_is_safe(tmp_path, cache):
