@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from eeipu_ray._domains import is_grid_search, is_tunable
 from eeipu_ray.errors import ConfigError, PipelineDefinitionError
 from eeipu_ray.keys import chain_key, root_key
 from eeipu_ray.pipeline.stage import Stage
@@ -17,15 +18,6 @@ if TYPE_CHECKING:
     from eeipu_ray.pipeline.runner import PipelineRun
 
 _PIPELINE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-
-
-def _is_domain(value: Any) -> bool:
-    # Ray Tune domains, recognized without importing Ray (pipeline/ stays Ray-free).
-    # ``tune.grid_search([...])`` is the plain dict ``{"grid_search": [...]}``: a
-    # value to choose, never a constant to pass to the stage.
-    if isinstance(value, Mapping) and set(value) == {"grid_search"}:
-        return True
-    return any(cls.__name__ == "Domain" for cls in type(value).__mro__)
 
 
 class Pipeline:
@@ -145,7 +137,7 @@ class Pipeline:
             for param, domain in stage.space.items():
                 if param in params:
                     continue
-                if _is_domain(domain):
+                if is_tunable(domain):
                     raise ConfigError(
                         f"config lacks hyperparameter {stage.name}/{param} of pipeline "
                         f"{self.name!r}"
@@ -243,9 +235,9 @@ class Pipeline:
 def _domain_kind(value: Any) -> str | None:
     """``"grid"``, ``"choice"``, ``"float"``, ``"int"``, ``"other"`` (a domain this
     module does not check, e.g. ``sample_from``) or ``None`` for a constant."""
-    if not _is_domain(value):
+    if not is_tunable(value):
         return None
-    if isinstance(value, Mapping):
+    if is_grid_search(value):
         return "grid"
     names = {cls.__name__ for cls in type(value).__mro__}
     for name, kind in (("Categorical", "choice"), ("Integer", "int"), ("Float", "float")):

@@ -56,6 +56,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from eeipu_ray._domains import is_domain, is_grid_search, mentions_domain
 from eeipu_ray.search.errors import SearchSpaceError
 
 DimKind = Literal["float", "int", "categorical"]
@@ -167,7 +168,7 @@ class SearchSpace:
         if not isinstance(space, Mapping):
             raise SearchSpaceError(f"search space must be a mapping, got {type(space).__name__}")
         nested = bool(space) and all(
-            isinstance(v, Mapping) and not _is_grid_search(v) for v in space.values()
+            isinstance(v, Mapping) and not is_grid_search(v) for v in space.values()
         )
         if nested:
             per_stage = {str(s): dict(sub) for s, sub in space.items()}
@@ -368,38 +369,16 @@ class SearchSpace:
 # --------------------------------------------------------------------------
 
 
-def _is_grid_search(value: Any) -> bool:
-    return isinstance(value, Mapping) and set(value) == {"grid_search"}
-
-
-def mentions_domain(value: Any) -> bool:
-    """Whether ``value`` is a Ray Tune domain or ``grid_search``, or a mapping
-    holding one at any depth (recognized without importing Ray)."""
-    if _domain_module_type(value) is not None or _is_grid_search(value):
-        return True
-    if isinstance(value, Mapping):
-        return any(mentions_domain(v) for v in value.values())
-    return False
-
-
-def _domain_module_type(value: Any) -> type | None:
-    # Recognize Ray Tune domains without importing Ray for non-domain values.
-    for cls in type(value).__mro__:
-        if cls.__name__ == "Domain" and cls.__module__.startswith("ray."):
-            return cls
-    return None
-
-
 def _make_dimension(
     stage: str, key: str, stage_index: int, value: Any, shown: str
 ) -> Dimension | None:
     """The dimension of one space entry, or None for a constant."""
-    if _is_grid_search(value):
+    if is_grid_search(value):
         raise SearchSpaceError(
             f"{shown!r}: grid_search is not supported by a Bayesian optimizer; use "
             "tune.choice(...) for the same values"
         )
-    if _domain_module_type(value) is None:
+    if not is_domain(value):
         if isinstance(value, Mapping) and mentions_domain(value):
             raise SearchSpaceError(
                 f"{shown!r}: nested mappings of domains are not supported; give each "

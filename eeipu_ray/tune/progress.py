@@ -144,7 +144,7 @@ def tuned_parameter_columns(search_space: Mapping[str, Any]) -> dict[str, str]:
     Constants are left out (they are the same in every row); a title is the
     bare name unless two stages tune a parameter of the same name.
     """
-    from ray.tune.search.sample import Domain
+    from eeipu_ray._domains import is_domain
 
     keys: list[tuple[str, str]] = []
 
@@ -153,7 +153,7 @@ def tuned_parameter_columns(search_space: Mapping[str, Any]) -> dict[str, str]:
             path = f"{prefix}/{name}" if prefix else str(name)
             if isinstance(value, Mapping):
                 walk(path, value)
-            elif isinstance(value, Domain):
+            elif is_domain(value):
                 keys.append((path, str(name)))
 
     walk("", search_space)
