@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from eeipu_ray.cooling import cost_cooling  # the engine's own formula, without BoTorch
 from eeipu_ray.report.experiment import Experiment
 
 # Acquisitions whose cost term is cooled; EIPS keeps eta = 1, EI and random have none.
@@ -106,10 +107,6 @@ def eta_series(experiment: Experiment) -> tuple[EtaSeries | None, str]:
 
 
 def _reconstruct(experiment: Experiment, budget: float, n_warmup: int) -> EtaSeries:
-    # The engine's own formula; imported here so that importing the report
-    # package does not load torch and BoTorch.
-    from eeipu_ray.search.acquisition import cost_cooling
-
     # Suggestion i of a sequential search sees the cost of trials 0..i-1.
     spent_before = [0.0]
     for t in experiment.trials:

@@ -46,27 +46,7 @@ from botorch.utils.sampling import draw_sobol_normal_samples
 from botorch.utils.transforms import t_batch_mode_transform
 from torch import Tensor
 
-
-def cost_cooling(budget: float | None, spent: float, spent_after_warmup: float | None) -> float:
-    r"""The cost exponent :math:`\eta = (B - s) / (B - s_0)`, clipped to ``[0, 1]``.
-
-    ``1`` at the first BO step (``s = s_0``, spent after warm-up), ``0`` when the
-    budget ``B`` is gone; so late steps chase improvement, not cheapness.
-
-    Args:
-        budget: ``B`` in cost units; ``None`` (unlimited) gives 1.
-        spent: ``s``, spent so far.
-        spent_after_warmup: ``s_0``; ``None`` (still warming up) gives 1.
-
-    Returns:
-        ``eta`` in ``[0, 1]``.
-    """
-    if budget is None or spent_after_warmup is None:
-        return 1.0
-    span = budget - spent_after_warmup
-    if span <= 0:
-        return 0.0
-    return float(min(max((budget - spent) / span, 0.0), 1.0))
+from eeipu_ray.cooling import cost_cooling  # noqa: F401 (re-exported)
 
 
 class CachedPrefixes:
