@@ -1,79 +1,44 @@
 """`SM2Scheduler`: energy-aware, hardware-aware successive halving for Ray Tune.
 
-SM2, "Spend More to Save More" (Geissler et al., arXiv 2412.08526), tunes by
-successive halving: many configurations get a short exploratory training, and
-the inefficient ones are stopped early, judged on performance *and* measured
-energy, so that the training that goes on is both accurate and
-energy-efficient; configurations the hardware cannot run (a batch that does
-not fit the device) are never started.
+SM2 ("Spend More to Save More", Geissler et al., arXiv 2412.08526) starts many
+configurations, trains each a little, and stops the ones that rank low on
+performance *and* energy; configurations the hardware cannot run are never
+started. The scheduler promotes asynchronously, as ASHA does, so it works with
+any number of concurrent trials and with any searcher (``EEIPUSearcher``,
+Optuna, ...): the searcher proposes, the scheduler only stops.
 
-This scheduler does that inside Tune, asynchronously (promotion as in ASHA,
-Li et al. 2018, so that it works with any number of concurrent trials and with
-searchers that propose one configuration at a time; the paper runs synchronous
-rounds).
+Rungs are at ``grace_period * reduction_factor**k`` below ``max_t``, in epochs
+(``time_attr="epoch"``) or in joules (``time_attr="total_energy_joules"``).
+When a trial first reaches a rung it scores::
 
-Rungs. With ``time_attr="epoch"`` (or ``training_iteration``) rungs are set in
-epochs: ``grace_period * reduction_factor**k < max_t`` (a rung at ``max_t``
-itself could save nothing: the trial is done there). With
-``time_attr="total_energy_joules"`` they are set in energy (a rung is reached
-after spending that many joules). Unlike ASHA, trials that reach ``max_t`` are
-not stopped by default (``stop_last_trials=False``): a pipeline's training ends
-by itself and its evaluation stage follows, which a stop would cut off.
+    S = P - energy_weight * ln(max(E, energy_floor)) + lr_weight * ln(lr)
 
-The combined score (the exact formula). When a trial first reaches a rung, with
-``P`` its metric there (sign-flipped so that larger is better), ``E`` the
-energy it has spent so far (``energy_attr``: joules, or CPU-seconds where no
-meter exists) and ``lr`` its learning rate (``lr_key`` in its config)::
+with ``P`` its metric (larger is better), ``E`` the energy it has spent so far
+(``energy_attr``) and ``lr`` its learning rate (``lr_key``), and it goes on only
+if ``S`` is at least the ``1 - 1/reduction_factor`` quantile of the scores
+recorded at that rung before it. ``energy_weight=0`` is ASHA.
 
-    S = P - alpha * ln(max(E, e_floor)) + beta * ln(lr)
+The knobs (:class:`SM2Scheduler`): ``time_attr``, ``max_t``,
+``grace_period``, ``reduction_factor`` (the rungs); ``energy_attr``
+(``total_energy_joules``, or ``total_cpu_seconds`` where no meter exists),
+``energy_weight`` (default 0.05: twice the energy costs 0.035 of the metric),
+``energy_floor``, ``lr_key`` and ``lr_weight`` (default 0) for the score;
+``fits(config) -> bool`` (e.g. :func:`fits_device_memory`), asked before a
+trial starts; ``stop_last_trials`` (off, so a pipeline's evaluation stage runs
+after its training). A pipeline trial reports to the scheduler when a stage
+calls ``ctx.report`` with the metric (the CNN pipeline with
+``report_score=True``).
 
-It continues if ``S`` is at least the ``1 - 1/reduction_factor`` quantile of
-the scores recorded at that rung before it (as ASHA's cutoff), else it stops.
-``alpha`` is ``energy_weight``, ``beta`` is ``lr_weight`` (0 by default).
+Example::
 
-Why this form:
+    scheduler = SM2Scheduler("epoch", metric="score", mode="max", max_t=12,
+                             energy_weight=0.05,
+                             fits=fits_device_memory(estimate_bytes, "auto"))
+    tune.Tuner(trainable, tune_config=tune.TuneConfig(
+        scheduler=scheduler, search_alg=EEIPUSearcher(pipeline, ...))).fit()
 
-* ``alpha`` reads as "metric units per e-fold of energy": with
-  ``alpha = 0.05`` and accuracy as the metric, a configuration that spends
-  e = 2.72 times the energy must be 5 accuracy points better to rank level
-  (2x the energy: 3.5 points). Energy ratios, not differences, are what tell
-  configurations apart (width, batch size and data size multiply the energy
-  per epoch), and a logarithm makes the score independent of the unit:
-  ``ln(cE) = ln c + ln E`` shifts every score by the same amount, so joules,
-  kilojoules or CPU-seconds rank the same, on any hardware.
-* No normalization within a rung (z-scores, min-max): in asynchronous halving
-  a score recorded now is compared with trials that arrive later, so it must
-  not change as the rung fills; and with a handful of trials a rung's spread
-  is noise.
-* Not a ratio ``P / E`` ("accuracy per joule"): it rewards configurations that
-  learn nothing cheaply (0.1 accuracy at 1 J beats 0.9 at 10 J).
-* At a rung in epochs every trial has trained the same number of epochs, so
-  ``E`` differs by the energy per epoch, which is what continuing will cost
-  again; at a rung in energy, ``E`` is about the same for all and ``S``
-  reduces to performance at equal energy.
-* The learning rate: the paper names it as an input of its objective. Its role
-  here is a prior on how a configuration will finish from how it looks early:
-  after a few epochs a larger learning rate tends to look better than it ends
-  (the short-horizon bias of early stopping), so ``beta < 0`` corrects for
-  that and ``beta > 0`` favors configurations that converge fast. How much is
-  problem dependent, and no evidence on this project's pipelines says which,
-  so ``beta = 0`` unless set.
-
-Hardware awareness: ``fits(config) -> bool`` (e.g. :func:`fits_device_memory`
-with a memory estimate and the device's memory) is asked for every new trial;
-a trial that does not fit is stopped while still pending, before Tune starts an
-actor for it (``choose_trial_to_run``; and at its first result, should it
-start anyway), so it never trains. Its searcher is told it completed without a
-result, as for any trial removed before running (EEIPUSearcher records it as
-failed and charges nothing).
-
-Composing with searchers: any Tune searcher (``EEIPUSearcher``, Optuna, ...)
-proposes the configurations; this scheduler only stops them. A pipeline trial
-reports intermediate results when a stage calls ``ctx.report`` with the metric
-(the CNN pipeline does so every epoch with ``report_score=True``); the runner
-adds the trial's running ``total_energy_joules``, ``total_cpu_seconds`` and
-``total_cost`` to each, so a searcher told about a stopped trial is charged
-what it spent.
+Why the score has this form, and how unfit and stopped trials are charged:
+docs/energy.md, "SM2Scheduler".
 """
 
 from __future__ import annotations
@@ -251,8 +216,8 @@ class _Rung:
 class SM2Scheduler(FIFOScheduler):
     """Energy-aware, hardware-aware successive halving (SM2) as a Tune scheduler.
 
-    See the module docstring for the score ``S = P - alpha ln E + beta ln lr``
-    and why it has that form.
+    See the module docstring for the score ``S = P - alpha ln E + beta ln lr``,
+    and docs/energy.md for why it has that form.
 
     Args:
         time_attr: Progress key of the rungs: ``"epoch"`` (default),
@@ -272,7 +237,7 @@ class SM2Scheduler(FIFOScheduler):
             rung continue.
         energy_weight: ``alpha``, metric units per e-fold of energy (0: ASHA).
         lr_key: Config key of the learning rate (flat, ``"train/lr"``).
-        lr_weight: ``beta`` (0 by default: see the module docstring).
+        lr_weight: ``beta`` (0 by default: see docs/energy.md).
         energy_floor: Energies below this count as this (so that a reading of
             0 J, a counter too coarse for a tiny step, does not dominate).
         fits: ``fits(config) -> bool``: configurations for which it is false
