@@ -34,7 +34,7 @@ starts while the cost charged so far (the trials' ``total_cost``: computed
 stages at their cost, loaded stages at their load cost) is below the budget.
 
 Pipelines (``--pipelines``): the synthetic layouts of
-:mod:`eeipu_ray.search.synthetic` (``paper``: the paper-compatible 3-stage
+:mod:`eeipu_ray.pipelines.synthetic` (``paper``: the paper-compatible 3-stage
 pipeline; ``front4``: 4 stages, the first dominates the cost; ``back5``: 5
 stages, the last dominates; ``flat4``: near-uniform costs; ``costly3``: the
 best configurations are the expensive ones; declared costs, a run takes

@@ -58,7 +58,7 @@ def stage_minimum(stage: Any, n_sobol: int = 2**14, n_polish: int = 64, seed: in
 
 def layout_optimum(name: str) -> dict[str, Any]:
     """The optimum (maximum of the objective) of layout ``name`` and where it is."""
-    from eeipu_ray.search.synthetic import get_layout, synthetic_objective
+    from eeipu_ray.pipelines.synthetic import get_layout, synthetic_objective
 
     layout = get_layout(name)
     config: dict[str, dict[str, float]] = {}
@@ -75,7 +75,7 @@ def load_optima(path: Path = OPTIMA_FILE) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eeipu_ray.search.synthetic import LAYOUTS
+    from eeipu_ray.pipelines.synthetic import LAYOUTS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(OPTIMA_FILE))

@@ -58,9 +58,9 @@ from typing import Any
 
 import torch
 
+from eeipu_ray.pipelines.synthetic import STAGES, synthetic_objective, synthetic_space
+from eeipu_ray.pipelines.synthetic import synthetic_stage_costs as paper_stage_costs
 from eeipu_ray.search import BOEngine, EngineOptions, SearchSpace
-from eeipu_ray.search.synthetic import STAGES, synthetic_objective, synthetic_space
-from eeipu_ray.search.synthetic import synthetic_stage_costs as paper_stage_costs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("eeipu", "ei", "optuna-gp", "botorch-ei")

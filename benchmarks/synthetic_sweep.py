@@ -203,8 +203,8 @@ def warmup_cost(pipeline: Any, seed: int, n_warmup: int, method: str, options: A
     """
     from dataclasses import replace
 
+    from eeipu_ray.pipelines.synthetic import synthetic_objective, synthetic_stage_costs
     from eeipu_ray.search import BOEngine, SearchSpace
-    from eeipu_ray.search.synthetic import synthetic_objective, synthetic_stage_costs
 
     space = SearchSpace.from_tune(pipeline.search_space, stage_order=pipeline.stage_names)
     engine = BOEngine(space, replace(options, acquisition=method, n_warmup=n_warmup, seed=seed))

@@ -22,10 +22,9 @@ from scipy import stats
 import eeipu_ray.search.optimize as optimize_module
 from eeipu_ray.cache import PrefixCache
 from eeipu_ray.pipelines.stacking import build_pipeline as build_stacking
-from eeipu_ray.pipelines.synthetic import build_pipeline
+from eeipu_ray.pipelines.synthetic import build_pipeline, synthetic_objective, synthetic_stage_costs
 from eeipu_ray.search import EngineOptions
 from eeipu_ray.search.records import TrialStatus
-from eeipu_ray.search.synthetic import synthetic_objective, synthetic_stage_costs
 from eeipu_ray.tune.searcher import EEIPUSearcher
 
 ROOT = Path(__file__).resolve().parents[1]

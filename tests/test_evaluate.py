@@ -112,8 +112,8 @@ def test_cost_to_target_is_the_first_cost_at_which_the_best_reaches_it():
 
 
 def test_recorded_optima_are_the_layouts_maxima():
+    from eeipu_ray.pipelines.synthetic import LAYOUTS, synthetic_objective, synthetic_space
     from eeipu_ray.search import SearchSpace
-    from eeipu_ray.search.synthetic import LAYOUTS, synthetic_objective, synthetic_space
 
     optima = load_optima()
     assert set(optima) == set(LAYOUTS)

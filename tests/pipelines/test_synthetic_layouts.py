@@ -10,14 +10,15 @@ import pytest
 
 from eeipu_ray.cache import PrefixCache
 from eeipu_ray.pipelines import load_pipeline
-from eeipu_ray.pipelines.synthetic import LOAD_COST, build_pipeline
-from eeipu_ray.search.space import SearchSpace
-from eeipu_ray.search.synthetic import (
+from eeipu_ray.pipelines.synthetic import (
+    LOAD_COST,
+    build_pipeline,
     get_layout,
     synthetic_objective,
     synthetic_space,
     synthetic_stage_costs,
 )
+from eeipu_ray.search.space import SearchSpace
 
 LAYOUT_NAMES = ["paper", "front4", "back5", "flat4", "costly3"]
 

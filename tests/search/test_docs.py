@@ -1,4 +1,4 @@
-"""The ``Example:`` blocks of the search modules run as written."""
+"""The ``Example:`` blocks of the search modules (and the synthetic layouts') run as written."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ MODULES = [
     "eeipu_ray.search.acquisition",
     "eeipu_ray.search.optimize",
     "eeipu_ray.search.engine",
-    "eeipu_ray.search.synthetic",
+    "eeipu_ray.pipelines.synthetic",
+    "eeipu_ray.pipelines._synthetic_layouts",
 ]
 
 

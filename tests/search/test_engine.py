@@ -353,7 +353,7 @@ def test_importing_the_engine_does_not_import_ray():
         "import sys, torch\n"
         "import eeipu_ray.search as s\n"
         "assert 'ray' not in sys.modules, 'ray imported'\n"
-        "from eeipu_ray.search.synthetic import synthetic_objective\n"
+        "from eeipu_ray.pipelines.synthetic import synthetic_objective\n"
         "assert 'ray' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)

@@ -13,9 +13,9 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from eeipu_ray.cache import PrefixCache
 from eeipu_ray.pipelines import load_pipeline
+from eeipu_ray.pipelines.synthetic import synthetic_objective
 from eeipu_ray.search import EngineOptions
 from eeipu_ray.search.records import TrialStatus
-from eeipu_ray.search.synthetic import synthetic_objective
 from eeipu_ray.tune.searcher import EEIPUSearcher, SearcherStateError
 
 FAST = EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20)

@@ -29,9 +29,9 @@ from eeipu_ray import Pipeline, Stage
 from eeipu_ray.cache import PrefixCache
 from eeipu_ray.errors import ConfigError
 from eeipu_ray.pipelines import load_pipeline
+from eeipu_ray.pipelines.synthetic import synthetic_objective
 from eeipu_ray.search import ACQUISITIONS, EngineOptions, EngineStateError, SearchSpaceError
 from eeipu_ray.search.records import TrialStatus
-from eeipu_ray.search.synthetic import synthetic_objective
 from eeipu_ray.tune.searcher import EEIPUSearcher, SearcherOptionsError, SearcherStateError
 
 FAST = EngineOptions(num_restarts=2, raw_samples=32, mc_samples=32, maxiter=10)

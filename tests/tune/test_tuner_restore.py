@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from eeipu_ray.cache import PrefixCache
-from eeipu_ray.pipelines.synthetic import build_pipeline
-from eeipu_ray.search.synthetic import synthetic_objective
+from eeipu_ray.pipelines.synthetic import build_pipeline, synthetic_objective
 from eeipu_ray.tune.searcher import EEIPUSearcher
 
 DRIVER = Path(__file__).with_name("restore_driver.py")
