@@ -39,8 +39,7 @@ CostTerm = tuple[Callable[[float], float], float, float]
 # ------------------------------------------------------------- test functions
 
 
-@functools.cache
-def _botorch_function(
+def _build_function(
     function: type[SyntheticTestFunction], dim: int, bounds: tuple[float, float]
 ) -> SyntheticTestFunction:
     kwargs: dict[str, Any] = {}
@@ -67,6 +66,20 @@ def _botorch_function(
     finally:
         torch.set_default_dtype(previous)
     return built
+
+
+_botorch_function = functools.cache(_build_function)
+
+
+def _holding(
+    function: type[SyntheticTestFunction], dim: int, box: tuple[float, float], x: Tensor
+) -> SyntheticTestFunction:
+    """BoTorch's ``function`` on a box that holds ``x`` as well as ``box`` and
+    BoTorch's own domain (so that it holds the global minimum BoTorch asks for)."""
+    own = _botorch_function(function, dim, box).bounds
+    lo = min(box[0], float(x.min()), float(own[0].min()))
+    hi = max(box[1], float(x.max()), float(own[1].max()))
+    return _build_function(function, dim, (lo, hi))
 
 
 def _ackley(x: Tensor) -> Tensor:
@@ -97,8 +110,10 @@ class BoTorchTerm:
 
     Called with a ``... x dim`` tensor, it returns ``function.evaluate_true``
     (``...``) in float64 (Ackley: the same values but for the last bits, see
-    :func:`_ackley`); points outside the box are refused. Compared and pickled by
-    value: a layout stays equal to itself in a Ray worker.
+    :func:`_ackley`). Points outside the box are evaluated by the same formula
+    (a Tune ``param_space`` may move a stage outside its declared box, and the
+    runner runs such values). Compared and pickled by value: a layout stays
+    equal to itself in a Ray worker.
 
     Example:
         >>> branin = BoTorchTerm(Branin, 2, (0.0, 10.0))
@@ -114,15 +129,19 @@ class BoTorchTerm:
         _botorch_function(self.function, self.dim, self.bounds)  # fail at definition
 
     def __call__(self, x: Tensor) -> Tensor:
-        built = _botorch_function(self.function, self.dim, self.bounds)
         x = x.to(torch.double)
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"{self.function.__name__} takes {self.dim} values per point, got {x.shape[-1]}"
+            )
         own = _OWN_ROUNDING.get(self.function)
-        if own is None:
-            return built.evaluate_true(x)
+        if own is not None:
+            return own(x)
+        built = _botorch_function(self.function, self.dim, self.bounds)
         lo, hi = built.bounds
-        if x.shape[-1] != self.dim or not bool(((x >= lo) & (x <= hi)).all()):
-            raise ValueError(f"Expected `X` to be within the bounds of {self.function.__name__}.")
-        return own(x)
+        if x.numel() and not bool(((x >= lo) & (x <= hi)).all()):
+            built = _holding(self.function, self.dim, self.bounds, x)
+        return built.evaluate_true(x)
 
 
 # ------------------------------------------------------------------ layouts

@@ -133,9 +133,8 @@ def stage_term(k: int, values: Sequence[float], layout: str | Layout = "paper") 
     """``w_k f_k(h_k)``: what stage ``k`` (0-based) subtracts from the objective.
 
     Raises:
-        ValueError: ``k`` names no stage, ``values`` has the wrong length, or a
-            value lies outside the domain the stage's BoTorch function was built
-            on (the stage's box; Beale's: BoTorch's own ``[-4.5, 4.5]^2``).
+        ValueError: ``k`` names no stage, or ``values`` has the wrong length.
+            Values outside the stage's box are evaluated by the same formula.
     """
     stage = _stage(k, values, layout)
     value = stage.term(torch.tensor([float(v) for v in values], dtype=torch.double))

@@ -109,14 +109,27 @@ def test_botorch_constants_in_float32_agree_to_1e_6():
     assert torch.allclose(paper.stages[1].term(X), float32.evaluate_true(X), rtol=1e-6, atol=1e-6)
 
 
-def test_botorch_refuses_points_outside_the_stage_box():
+def test_points_outside_the_stage_box_are_evaluated_by_the_same_formula():
+    """A Tune param_space may move a stage outside its declared box; the term is
+    then BoTorch's formula there too, on a box that holds the point."""
     assert math.isfinite(stage_term(1, [2.0, -2.0, 0.5]))  # a corner of the box
-    with pytest.raises(ValueError, match="within the bounds"):
-        stage_term(1, [2.5, 0.0, 0.0])  # the paper's Hartmann3 lives on [-2, 2]^3
-    with pytest.raises(ValueError, match="within the bounds"):
-        stage_term(0, [5.0, 0.0])  # Beale runs on BoTorch's own [-4.5, 4.5]^2
-    with pytest.raises(ValueError, match="within the bounds"):
-        stage_term(3, [0.0, 5.5, 0.0], "front4")  # Ackley, on [-5, 5]^3
+    cases = [
+        (0, [5.0, 0.0], "paper", Beale, 2),  # Beale also outside BoTorch's [-4.5, 4.5]^2
+        (0, [-6.0, 7.0], "paper", Beale, 2),
+        (1, [2.5, 0.0, 0.0], "paper", Hartmann, 3),  # on [-2, 2]^3
+        (2, [12.0, -1.0], "paper", Branin, 2),
+    ]
+    for k, values, layout, function, dim in cases:
+        wide = _botorch(function, dim, (-20.0, 20.0))
+        expected = float(wide.evaluate_true(torch.tensor([values], dtype=torch.double))[0])
+        assert stage_term(k, values, layout) == expected, (function.__name__, values)
+    # Ackley keeps the project's rounding order (see the Ackley test above).
+    ackley = _botorch(Ackley, 3, (-20.0, 20.0))
+    x = torch.tensor([[0.0, 5.5, 0.0]], dtype=torch.double)
+    got = stage_term(3, [0.0, 5.5, 0.0], "front4") / get_layout("front4").stages[3].term_scale
+    assert got == pytest.approx(float(ackley.evaluate_true(x)[0]), rel=1e-12)
+    with pytest.raises(ValueError, match="takes 3 values per point, got 2"):
+        get_layout("paper").stages[1].term(torch.zeros(2, dtype=torch.double))
 
 
 def test_objective_and_costs_by_hand():
@@ -257,9 +270,7 @@ def test_back5_objective_is_minus_the_sum_of_scaled_terms():
     config = _random_configs(get_layout("back5"), 1, seed=3)[0]
     h = [torch.tensor(v, dtype=torch.double) for v in stage_values(config, "back5")]
     terms = [Rastrigin, DixonPrice, ThreeHumpCamel, StyblinskiTang, Griewank]
-    value = [
-        float(_botorch(cls, len(x)).evaluate_true(x)) for cls, x in zip(terms, h, strict=True)
-    ]
+    value = [float(_botorch(cls, len(x)).evaluate_true(x)) for cls, x in zip(terms, h, strict=True)]
     expected = -(value[0] + value[1] / 4 + value[2] + value[3] / 2 + 10 * value[4])
     assert synthetic_objective(config, "back5") == pytest.approx(expected, rel=1e-12)
 
