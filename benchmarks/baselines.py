@@ -50,7 +50,7 @@ from eeipu_ray.errors import EEIPUError
 from eeipu_ray.search.acquisition import CostAwareLogEI
 
 # The engine's helpers: one torch thread for the small GPs; configs copied per stage.
-from eeipu_ray.search.engine import _copy_config, _torch_threads
+from eeipu_ray.search.engine import copy_config, torch_threads
 from eeipu_ray.search.errors import TrialStateError
 from eeipu_ray.search.models import GPFitter, MarginalGP, fit_surrogates
 from eeipu_ray.search.optimize import EMPTY_PREFIX, OptimizeOptions, Prefix, rank_over_pool
@@ -141,7 +141,7 @@ class _MultiStageBO(Searcher):
                 f"trial id {trial_id!r} was already suggested; trial ids must be unique"
             )
         if self._next_is_bo():
-            with _torch_threads(1):
+            with torch_threads(1):
                 x, kept_from = self._bo_step(trial_id, self._bo_steps)
             phase = "bo"
             self._bo_steps += 1
@@ -158,9 +158,9 @@ class _MultiStageBO(Searcher):
             source = store[source_trial].config
             for name in self.space.stage_names[:depth]:
                 config[name] = dict(source[name])
-        store.add_pending(trial_id, _copy_config(config), self.space.to_unit(config), phase=phase)
+        store.add_pending(trial_id, copy_config(config), self.space.to_unit(config), phase=phase)
         self._n_suggested += 1
-        return _copy_config(config)
+        return copy_config(config)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         """Intermediate results are not used."""
@@ -289,7 +289,7 @@ class _MultiStageBO(Searcher):
         """The objective GP on the completed trials, refitted when results arrived."""
         store = self.store
         if self._model is None or self._model_version != store.version:
-            with _torch_threads(1):
+            with torch_threads(1):
                 models = fit_surrogates(
                     self._fitter,
                     list(store),

@@ -75,7 +75,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -279,11 +279,11 @@ def make_searcher(
         # Several workers: the searcher's lookahead as deployed, one proposal at a
         # time (its "auto" batch size reads wall-clock timings, which would make
         # a simulated run depend on the machine's speed).
-        concurrency = {"max_concurrent": workers} | ({"batch_size": 1} if workers > 1 else {})
+        batch = {"batch_size": 1} if workers > 1 else {}
         searcher = EEIPUSearcher(
             pipeline, metric="score", mode="max", budget=budget, cache=cache,
-            acquisition=method, n_warmup=warmup, seed=seed, **concurrency,
-            options=engine_options(args),
+            acquisition=method, max_concurrent=workers,
+            options=replace(engine_options(args), n_warmup=warmup, seed=seed, **batch),
         )
         return searcher, None
     if method in ("ms_bo", "lambo"):

@@ -158,10 +158,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "mode": "max",
         "budget": args.budget,
         "cache": cache,
-        "n_warmup": 10,
-        "seed": args.seed,
         "max_concurrent": args.concurrency,
-        "options": options,
+        "options": replace(options, n_warmup=10, seed=args.seed),
     }
     searcher = EEIPUSearcher(pipeline, **common)
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(args.concurrency)

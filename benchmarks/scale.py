@@ -50,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,8 @@ def simulate(
         mode="max",
         budget=args.budget,
         cache=cache,
-        n_warmup=args.warmup,
-        seed=seed,
         max_concurrent=workers,
-        options=options,
+        options=replace(options, n_warmup=args.warmup, seed=seed),
     )
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sim-gpu")
     running: dict[concurrent.futures.Future[Any], str] = {}

@@ -50,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -102,13 +103,9 @@ def _timed_searcher_class() -> type:
 def engine_options(args: argparse.Namespace) -> Any:
     from eeipu_ray.search import EngineOptions
 
-    design = {
-        "warmup_design": args.warmup_design,
-        "warmup_candidates": args.warmup_candidates,
-    }
     if args.fast:  # smoke runs: a small optimizer
-        return EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20, **design)
-    return EngineOptions(**design)  # 10 restarts, 512 raw samples, as the reference
+        return EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20)
+    return EngineOptions()  # 10 restarts, 512 raw samples, as the reference
 
 
 def run_one(
@@ -139,10 +136,8 @@ def run_one(
         "budget": budget,
         "cache": cache,
         "acquisition": method,
-        "n_warmup": args.warmup,
-        "seed": seed,
         "max_concurrent": workers,
-        "options": engine_options(args),
+        "options": replace(engine_options(args), n_warmup=args.warmup, seed=seed),
     }
     searcher = _timed_searcher_class()(pipeline, run_name=name, **common)
     # Tune lets a custom searcher have one PENDING trial unless told otherwise;
@@ -376,8 +371,12 @@ def write_results(
         f"Settings: budget {settings['budget']} cost units"
         + (" after the warm-up" if settings.get("budget_after_warmup") else " (warm-up included)")
         + f", {settings['warmup']} warm-up points"
-        + f" (design {settings.get('warmup_design', 'sobol')}, "
-        + f"{settings.get('warmup_candidates', 16)} candidates), "
+        + (
+            f" (design {settings['warmup_design']}, "
+            f"{settings.get('warmup_candidates', 16)} candidates), "
+            if settings.get("warmup_design", "sobol") != "sobol"
+            else " (Sobol), "
+        )
         + (
             f"stages sleep {settings['time_scale']:g} s per cost unit, "
             if settings.get("time_scale")
@@ -426,13 +425,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help=">1: parallel mode (1 vs W workers)")
     ap.add_argument("--time-scale", type=float, default=0.0, help="seconds of sleep per cost unit")
     ap.add_argument("--fast", action="store_true", help="small optimizer (smoke runs)")
-    ap.add_argument(
-        "--warmup-design",
-        default="sobol",
-        choices=("sobol", "cheap"),
-        help="EngineOptions.warmup_design",
-    )
-    ap.add_argument("--warmup-candidates", type=int, default=16)
     ap.add_argument("--tune-defaults", action="store_true", help="Tune's defaults (no actor reuse)")
     ap.add_argument("--keep", action="store_true", help="keep the experiment directories")
     ap.add_argument("--append", action="store_true", help="add to the rows already in OUT.json")
@@ -472,8 +464,6 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "fast": args.fast,
         "tune_defaults": args.tune_defaults,
-        "warmup_design": args.warmup_design,
-        "warmup_candidates": args.warmup_candidates,
         "time_scale": args.time_scale,
         "budget_after_warmup": args.budget_after_warmup,
     }

@@ -61,6 +61,29 @@ ENERGY_SOURCE = "energy_source"  # "nvml", "rapl", "nvml+rapl" or "none"
 ENERGY_MEASURED = "energy_measured"  # 1 if ENERGY_JOULES was measured
 
 
+# What a trial's cost is, end to end (the searcher's budget, the trainable's
+# meter, the progress table, the CLI's --cost): seconds of stage time, or joules
+# measured by the trials' energy meters.
+COSTS = ("time", "energy")
+COST_UNITS = {"time": "s", "energy": "J"}
+
+
+def check_cost(cost: Any, where: str = "cost") -> str:
+    """``cost`` if it is one of :data:`COSTS`.
+
+    Raises:
+        ValueError: naming ``where`` and the value.
+    """
+    if cost not in COSTS:
+        raise ValueError(f"{where}={cost!r} must be one of {COSTS}")
+    return cost
+
+
+def total_cost_key(cost: str) -> str:
+    """The entry holding a trial's whole cost in the unit ``cost``."""
+    return TOTAL_ENERGY_JOULES if check_cost(cost) == "energy" else TOTAL_COST
+
+
 def stage_key(field: str, stage: str) -> str:
     """The result key of a per-stage ``field`` for ``stage``.
 

@@ -137,9 +137,7 @@ def test_warmup_is_ei_searchers_sobol_design(cls: type, pipeline: Any) -> None:
         metric="score",
         mode="max",
         acquisition="ei",
-        n_warmup=N_WARMUP,
-        seed=3,
-        options=EngineOptions(num_restarts=2, raw_samples=64),
+        options=EngineOptions(num_restarts=2, raw_samples=64, n_warmup=N_WARMUP, seed=3),
     )
     ours = make(cls, pipeline, seed=3)
     expected = drive(ei, N_WARMUP)

@@ -161,19 +161,20 @@ def test_run_energy_is_refused_where_no_meter_works(tmp_path: Path) -> None:
         "regression",
         "--num-samples",
         "1",
-        "--energy",
+        "--cost",
+        "energy",
         cwd=tmp_path,
         timeout=600,
         env={"EEIPU_ENERGY_METERS": "none"},  # as on a machine without NVML or RAPL
     )
     assert proc.returncode == 2
-    assert "--energy: no energy meter works on this machine" in proc.stderr
+    assert "--cost energy: no energy meter works on this machine" in proc.stderr
     assert "metering is off" in proc.stderr  # the reason, per meter
     assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
     proc = _cli(
         "run",
         "regression",
-        "--energy",
+        "--energy",  # the same as --cost energy
         "--searcher",
         "tune-random",
         "--num-samples",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from eeipu_ray.result import COSTS
+
 DESCRIPTION = "The ``eeipu-ray`` command."
 
 
@@ -36,7 +38,7 @@ def _add_run(sub: Any) -> None:
         "--budget",
         type=float,
         default=None,
-        help="cost budget in seconds of stage time, or in joules with --energy (the search "
+        help="cost budget in seconds of stage time, or in joules with --cost energy (the search "
         "stops there)",
     )
     run.add_argument(
@@ -56,25 +58,52 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--metric", default="score")
     run.add_argument("--mode", choices=("min", "max"), default="max")
-    run.add_argument(
+    _add_run_search(run)
+    _add_run_resources(run)
+    run.set_defaults(func=cmd_run)
+
+
+def _add_run_search(run: Any) -> None:
+    """``run``'s cost unit and the cache the trials share."""
+    search = run.add_argument_group("cost and cache")
+    search.add_argument(
+        "--cost",
+        choices=COSTS,
+        default="time",
+        help="what a trial costs: seconds of stage time, or measured energy (joules, from "
+        "NVML for the trials' GPUs or RAPL; refused where no energy meter works)",
+    )
+    search.add_argument(
+        "--energy",
+        dest="cost",
+        action="store_const",
+        const="energy",
+        help="the same as --cost energy",
+    )
+    search.add_argument(
         "--cache",
         default=None,
         help="cache URL: a directory (default ~/.cache/eeipu-ray) or s3://bucket/prefix",
     )
-    run.add_argument(
+    search.add_argument(
         "--object-store",
         default=None,
         help="name of a Ray object-store cache layer in front of --cache",
     )
-    run.add_argument("--cache-budget", default=None, help="byte budget of the cache, e.g. 20GiB")
-    run.add_argument(
+    search.add_argument("--cache-budget", default=None, help="byte budget of the cache, e.g. 20GiB")
+
+
+def _add_run_resources(run: Any) -> None:
+    """``run``'s Ray cluster, trial resources and output."""
+    cluster = run.add_argument_group("cluster, resources and output")
+    cluster.add_argument(
         "--address", default=None, help="Ray address (auto, ray://...); a local cluster if unset"
     )
-    run.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster")
-    run.add_argument("--cpus-per-trial", type=float, default=1.0)
-    run.add_argument("--gpus-per-trial", type=float, default=0.0)
-    run.add_argument("--max-concurrent", type=int, default=0, help="0: as many as fit")
-    run.add_argument(
+    cluster.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster")
+    cluster.add_argument("--cpus-per-trial", type=float, default=1.0)
+    cluster.add_argument("--gpus-per-trial", type=float, default=0.0)
+    cluster.add_argument("--max-concurrent", type=int, default=0, help="0: as many as fit")
+    cluster.add_argument(
         "--max-failures",
         type=int,
         default=3,
@@ -83,20 +112,13 @@ def _add_run(sub: Any) -> None:
             "fails again): Tune's FailureConfig; -1: no limit"
         ),
     )
-    run.add_argument("--storage-path", default="results", help="where experiments are written")
-    run.add_argument("--name", default=None, help="experiment name")
-    run.add_argument(
-        "--energy",
-        action="store_true",
-        help="use measured energy (joules, from NVML for the trials' GPUs or RAPL) as the "
-        "cost; refused where no energy meter works",
-    )
-    run.add_argument(
+    cluster.add_argument("--storage-path", default="results", help="where experiments are written")
+    cluster.add_argument("--name", default=None, help="experiment name")
+    cluster.add_argument(
         "--no-report",
         action="store_true",
         help="do not write report.md / report.html and the plots at the end",
     )
-    run.set_defaults(func=cmd_run)
 
 
 def _add_report(sub: Any) -> None:

@@ -22,7 +22,7 @@ from eeipu_ray.cli._common import UsageError, parse_key_values, parse_size, writ
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the sweep ``args`` describes; 0 if some trial succeeded, else 1."""
-    if args.energy:
+    if args.cost == "energy":
         _check_energy(args)
     pipeline = _load_pipeline(args)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -95,6 +95,7 @@ def _make_searcher(args: argparse.Namespace, pipeline: Any, cache: Any) -> Any:
     """The EEIPUSearcher (or a baseline); ``None`` for Tune's own random search."""
     if args.searcher == "tune-random":
         return None
+    from eeipu_ray.search import EngineOptions
     from eeipu_ray.tune.searcher import EEIPUSearcher
 
     return EEIPUSearcher(
@@ -104,10 +105,8 @@ def _make_searcher(args: argparse.Namespace, pipeline: Any, cache: Any) -> Any:
         budget=args.budget,
         cache=cache,
         acquisition=args.searcher,
-        n_warmup=args.warmup,
-        seed=args.seed,
         max_concurrent=args.max_concurrent,
-        cost="energy" if args.energy else "time",
+        options=EngineOptions(n_warmup=args.warmup, seed=args.seed, cost=args.cost),
     )
 
 
@@ -125,9 +124,7 @@ def _make_tuner(
     from eeipu_ray.tune.progress import BudgetReporter, tuned_parameter_columns
 
     trainable = tune.with_resources(
-        pipeline.as_trainable(
-            cache=cache, metric=args.metric, energy="required" if args.energy else "auto"
-        ),
+        pipeline.as_trainable(cache=cache, metric=args.metric, cost=args.cost),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
     )
     reporter = BudgetReporter(
@@ -135,8 +132,7 @@ def _make_tuner(
         args.mode,
         searcher=None if remote_driver else search_alg,
         budget=args.budget,
-        cost_unit="J" if args.energy else "s",
-        cost_key=R.TOTAL_ENERGY_JOULES if args.energy else R.TOTAL_COST,
+        cost=args.cost,
         parameter_columns=tuned_parameter_columns(pipeline.search_space),
         full_final_table=False,  # the full table is printed below
     )
@@ -231,7 +227,7 @@ def _summary(
         "trials_with_cached_prefix": sum(1 for r in ok if r[R.MEMOIZED_STAGES]),
         "cost_spent_s": sum(r[R.TOTAL_COST] for r in ok),
         "cost_without_memoization_s": sum(r["compute_cost"] for r in ok),
-        "cost": "energy" if args.energy else "time",
+        "cost": args.cost,
         "energy_spent_j": energy_spent,
         "cpu_seconds": math.fsum(r[R.TOTAL_CPU_SECONDS] or 0.0 for r in ok),
         "wall_s": wall,
@@ -316,15 +312,15 @@ def _print_results(args: argparse.Namespace, summary: dict[str, Any], exp_dir: s
 
 
 def _check_energy(args: argparse.Namespace) -> None:
-    """``--energy``: refuse it unless energy can be measured where trials run.
+    """``--cost energy``: refuse it unless energy can be measured where trials run.
 
     On a local cluster the trials run here, so the meters are probed now; with
     ``--address`` each trial checks its own node before running a stage
-    (``energy="required"``) and fails with the reason.
+    (``cost="energy"``) and fails with the reason.
     """
     if args.searcher == "tune-random":
         raise UsageError(
-            "--energy makes measured energy the searcher's cost: use a budget-aware searcher "
+            "--cost energy makes measured energy the searcher's cost: use a budget-aware searcher "
             "(eeipu, ei, eips, carbo, random)"
         )
     if args.address:
@@ -335,14 +331,14 @@ def _check_energy(args: argparse.Namespace) -> None:
     try:
         meter = auto_meter(None if args.gpus_per_trial > 0 else [])
     except EnergyMeterError as exc:
-        raise UsageError(f"--energy: {exc}") from exc
+        raise UsageError(f"--cost energy: {exc}") from exc
     try:
         if isinstance(meter, NoMeter):
             raise UsageError(
-                f"--energy: no energy meter works on this machine ({meter.explain()}). Energy "
+                f"--cost energy: no energy meter works on this machine ({meter.explain()}). Energy "
                 "can be the cost only where it is measured: NVIDIA GPUs through NVML (pip "
                 "install 'eeipu-ray[energy]'; --gpus-per-trial) or readable RAPL counters "
-                "(/sys/class/powercap). Run without --energy to use seconds of stage time"
+                "(/sys/class/powercap). Run with --cost time to use seconds of stage time"
             )
     finally:
         meter.close()

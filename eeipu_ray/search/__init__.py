@@ -17,7 +17,8 @@ from eeipu_ray.search.acquisition import (
     RandomProposer,
     cost_cooling,
 )
-from eeipu_ray.search.engine import ACQUISITIONS, STATE_FORMAT, BOEngine, EngineOptions
+from eeipu_ray.search.decisions import Decision, Proposal
+from eeipu_ray.search.engine import ACQUISITIONS, STATE_FORMAT, BOEngine
 from eeipu_ray.search.errors import (
     AcquisitionError,
     AcquisitionWarning,
@@ -44,13 +45,14 @@ from eeipu_ray.search.optimize import (
     OptimizeOptions,
     Prefix,
     build_prefix_pool,
-    optimize_over_pool,
 )
+from eeipu_ray.search.options import COSTS, EngineOptions
 from eeipu_ray.search.records import TrialRecord, TrialStatus, TrialStore
 from eeipu_ray.search.space import Dimension, SearchSpace
 
 __all__ = [
     "ACQUISITIONS",
+    "COSTS",
     "STATE_FORMAT",
     "AcquisitionError",
     "AcquisitionWarning",
@@ -59,6 +61,7 @@ __all__ = [
     "Candidate",
     "CostAwareLogEI",
     "CubeCategoricalKernel",
+    "Decision",
     "Dimension",
     "EngineOptions",
     "EngineOptionsError",
@@ -75,6 +78,7 @@ __all__ = [
     "ModelFitWarning",
     "OptimizeOptions",
     "Prefix",
+    "Proposal",
     "RandomProposer",
     "SearchSpace",
     "SearchSpaceError",
@@ -88,5 +92,4 @@ __all__ = [
     "cost_cooling",
     "fit_surrogates",
     "make_kernel",
-    "optimize_over_pool",
 ]

@@ -38,19 +38,15 @@ from eeipu_ray.search.acquisition import (
     CachedPrefixes,
     CostAwareLogEI,
     RandomProposer,
-    suffix_cost,
 )
-from eeipu_ray.search.design import cheap_and_diverse
+from eeipu_ray.search.decisions import Decision, Proposal
 from eeipu_ray.search.errors import (
     AcquisitionError,
     AcquisitionWarning,
-    EngineOptionsError,
     EngineStateError,
     TrialStateError,
 )
 from eeipu_ray.search.models import (
-    KERNELS,
-    WARPINGS,
     FitOptions,
     GPFitter,
     MarginalGP,
@@ -65,6 +61,7 @@ from eeipu_ray.search.optimize import (
     prefix_ident,
     rank_over_pool,
 )
+from eeipu_ray.search.options import EngineOptions
 from eeipu_ray.search.records import (
     TrialRecord,
     TrialStatus,
@@ -92,188 +89,6 @@ AvailablePrefixes = Callable[[str], bool] | Collection[str] | None
 PrefixKeysOf = Callable[[Any], list[str]] | None
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    """Options of :class:`BOEngine`, validated once.
-
-    Attributes:
-        acquisition: ``"eeipu"``, ``"ei"``, ``"eips"``, ``"carbo"``, ``"random"``,
-            or the name of a strategy registered in :mod:`eeipu_ray.search.strategies`.
-        budget: Total cost units (seconds, joules, ...) the search may spend;
-            ``None`` for unlimited (then ``eta`` stays 1: no cost cooling).
-        metric: Name of the objective in the results.
-        mode: ``"max"`` or ``"min"``.
-        n_warmup: Sobol points before BO starts.
-        top_q: Observations whose prefixes enter the pool.
-        num_restarts: L-BFGS-B restarts for the empty prefix (prefixes that fix
-            dimensions get a share proportional to their free dimensions).
-        raw_samples: Raw samples per prefix.
-        maxiter: L-BFGS-B iterations per restart.
-        mc_samples: QMC samples of the cost posterior.
-        seed: Seeds the warm-up design, random search and the optimizer.
-        cost_model_upstream: Stage ``k``'s cost GP sees stages ``1..k`` (else ``k``).
-        load_cost_prior: Prior cost of loading one cached stage, in cost units.
-        fit_maxiter_cold: GP fit iterations from the prior.
-        fit_maxiter_warm: GP fit iterations warm-started from the last fit.
-        refit_growth: Re-optimize GP hyperparameters once the data grew by this
-            fraction (see :class:`~eeipu_ray.search.models.FitOptions`); 0: always.
-        warmup_design: ``"sobol"`` (default: scrambled Sobol points) or
-            ``"cheap"``: once two trials reported costs, each warm-up point
-            survives alternate elimination of the costliest and least novel of
-            ``warmup_candidates`` Sobol candidates (see
-            :mod:`eeipu_ray.search.design`). Not the default: it bought more
-            BO iterations but a worse best objective
-            (``benchmarks/results/warmup_design.md``).
-        warmup_candidates: Candidates per cheap warm-up point.
-        pool_source: Which observations' prefixes enter the prefix pool:
-            ``"all"`` (the top ``top_q`` of every completed trial) or ``"bo"``
-            (of the BO trials only, as the reference implementation: warm-up
-            points never seed the pool).
-        pool_distinct: Take at most one trial per first-stage configuration
-            into the pool (the best of each lineage), so the pool spans
-            ``top_q`` distinct upstream lineages instead of the variants of one.
-        cooling: The cost-cooling schedule of the cooled acquisitions (EEIPU,
-            CArBO): ``"after_warmup"`` (``eta = (B - s) / (B - s_0)``, 1 at the
-            first BO step) or ``"budget"`` (``eta = (B - s) / B``: the budget
-            the warm-up spent counts as cooled already).
-        objective_warping: A monotone transform of the objectives before the
-            objective GP (:func:`~eeipu_ray.search.models.warp_objective`):
-            ``"power"`` (default: Yeo-Johnson), ``"copula"`` (normal scores of
-            the ranks) or ``"none"``. Warping keeps a few configurations far
-            worse than the rest from flattening the GP (measurements:
-            ``benchmarks/results/evaluate_synthetic.md``).
-        objective_kernel: The objective GP's kernel: ``"joint"`` (one
-            Matern-5/2 ARD kernel over every dimension) or ``"stage_additive"``
-            (that kernel plus one per stage over the stage's own dimensions,
-            :func:`~eeipu_ray.search.models.make_kernel`).
-        cost_overhead: A fixed cost added to every candidate's cost in the
-            memoization-aware acquisitions, as a fraction of a typical whole
-            run (the sum of the stages' geometric-mean costs). With 0 a
-            candidate that loads a costly prefix is charged only its remaining
-            stages, and EI per unit cost then pulls those stages to their
-            cheapest corner whatever the objective does there; an overhead
-            bounds that pull while a cached prefix still makes a candidate
-            several times cheaper than a full run.
-        prefix_patience: Stop favouring a cached prefix after this many trials
-            that share it without a new incumbent among them (``None``: never).
-            Such a prefix leaves the pool and is priced as if uncached, so its
-            candidates compete with fresh ones at their full cost; a new
-            incumbent among the trials that share it makes it favoured again.
-            Without a limit, near-uniform stage costs let a cached prefix make
-            a last-stage change several times cheaper than an upstream one,
-            and a search can spend long runs varying only the last stage of a
-            lineage whose upstream stages are poor (:meth:`BOEngine.stale_prefixes`).
-            Off by default: on the design seeds it did not improve the best
-            found (``benchmarks/results/evaluate_synthetic.md``).
-        cost_free_every: Every this many BO steps, one step of an acquisition
-            with a cost exponent (EEIPU, CArBO, the Gittins index) ignores
-            cost (``eta = 0``: EI over the prefix pool), so that cheap regions
-            and cached prefixes cannot hold the search for good (``None``:
-            never). Off by default: on the design seeds it did not improve
-            the best found (``benchmarks/results/evaluate_synthetic.md``).
-        reserve_pending: Count the expected cost of the running trials against
-            the budget (:attr:`BOEngine.budget_committed`): with many trials in
-            flight, new ones start only while cost charged plus what the
-            running ones are expected to cost is below the budget, so the last
-            round does not overshoot it by up to one trial per worker. The
-            expected cost of a running trial is the mean charged cost of the
-            finished trials that loaded as many cached stages as it plans to
-            (all finished trials when none did). ``False``: a trial starts
-            while cost charged < budget. Sequential searches are unaffected.
-        num_threads: torch intra-op threads while suggesting (restored after);
-            ``None`` leaves torch's setting alone. The GPs are small (hundreds of
-            points), so one thread is fastest, and the searcher does not fight
-            the trials on the head node for cores.
-    """
-
-    acquisition: str = "eeipu"
-    budget: float | None = None
-    metric: str = "score"
-    mode: str = "max"
-    n_warmup: int = 10
-    top_q: int = 5
-    num_restarts: int = 10
-    raw_samples: int = 512
-    maxiter: int = 50
-    mc_samples: int = 256
-    seed: int = 0
-    cost_model_upstream: bool = True
-    load_cost_prior: float = 0.1
-    fit_maxiter_cold: int = 200
-    fit_maxiter_warm: int = 40
-    refit_growth: float = 0.1
-    num_threads: int | None = 1
-    warmup_design: str = "sobol"
-    warmup_candidates: int = 16
-    reserve_pending: bool = True
-    pool_source: str = "all"
-    pool_distinct: bool = False
-    cooling: str = "after_warmup"
-    objective_warping: str = "power"
-    objective_kernel: str = "joint"
-    cost_overhead: float = 0.0
-    prefix_patience: int | None = None
-    cost_free_every: int | None = None
-
-    def __post_init__(self) -> None:
-        get_strategy(self.acquisition)  # raises EngineOptionsError naming the choices
-        if self.budget is not None:
-            if isinstance(self.budget, bool) or not isinstance(self.budget, int | float):
-                raise EngineOptionsError(f"budget={self.budget!r} must be a number or None")
-            if not (math.isfinite(self.budget) and self.budget > 0):
-                raise EngineOptionsError(f"budget={self.budget!r} must be finite and > 0")
-        if not isinstance(self.metric, str) or not self.metric:
-            raise EngineOptionsError(f"metric={self.metric!r} must be a non-empty string")
-        if self.mode not in ("max", "min"):
-            raise EngineOptionsError(f"mode={self.mode!r} must be 'max' or 'min'")
-        _check_int(self, "n_warmup", 1)
-        _check_int(self, "top_q", 0)
-        for name in ("num_restarts", "raw_samples", "maxiter", "mc_samples"):
-            _check_int(self, name, 1)
-        for name in ("fit_maxiter_cold", "fit_maxiter_warm"):
-            _check_int(self, name, 1)
-        _check_int(self, "seed", 0)
-        _check_int(self, "warmup_candidates", 1)
-        if self.warmup_design not in ("sobol", "cheap"):
-            raise EngineOptionsError(
-                f"warmup_design={self.warmup_design!r} is not one of ('sobol', 'cheap')"
-            )
-        if self.num_threads is not None:
-            _check_int(self, "num_threads", 1)
-        _check_nonnegative(self, "refit_growth")
-        if self.pool_source not in ("all", "bo"):
-            raise EngineOptionsError(
-                f"pool_source={self.pool_source!r} is not one of ('all', 'bo')"
-            )
-        if not isinstance(self.pool_distinct, bool):
-            raise EngineOptionsError(f"pool_distinct={self.pool_distinct!r} must be a bool")
-        if self.cooling not in ("after_warmup", "budget"):
-            raise EngineOptionsError(
-                f"cooling={self.cooling!r} is not one of ('after_warmup', 'budget')"
-            )
-        _check_nonnegative(self, "cost_overhead")
-        if self.prefix_patience is not None:
-            _check_int(self, "prefix_patience", 1)
-        if self.cost_free_every is not None:
-            _check_int(self, "cost_free_every", 1)
-        if self.objective_kernel not in KERNELS:
-            raise EngineOptionsError(
-                f"objective_kernel={self.objective_kernel!r} is not one of {KERNELS}"
-            )
-        if self.objective_warping not in WARPINGS:
-            raise EngineOptionsError(
-                f"objective_warping={self.objective_warping!r} is not one of {WARPINGS}"
-            )
-        if not isinstance(self.reserve_pending, bool):
-            raise EngineOptionsError(f"reserve_pending={self.reserve_pending!r} must be a bool")
-        if not isinstance(self.cost_model_upstream, bool):
-            raise EngineOptionsError(
-                f"cost_model_upstream={self.cost_model_upstream!r} must be a bool"
-            )
-        if not (isinstance(self.load_cost_prior, int | float) and self.load_cost_prior > 0):
-            raise EngineOptionsError(f"load_cost_prior={self.load_cost_prior!r} must be > 0")
-
-
 PrefixId = tuple[int, tuple[float, ...]]
 """A prefix's depth and its stages' cube coordinates (:meth:`BOEngine.stale_prefixes`)."""
 
@@ -292,81 +107,6 @@ class _AcquisitionParts:
     models: SurrogateModels
     eta: float
     costs: CostModels
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """A BO step's outcome before it is given a trial id (see :meth:`BOEngine.lookahead`).
-
-    Attributes:
-        config: The proposed config.
-        planned_depth: Leading stages it expects to load from the cache.
-        source_trial: The trial whose cached prefix it extends, if any.
-        version: The store version (completed results) it was computed at.
-        eta: The cost exponent its acquisition used.
-        acquisition_value: The winning candidate's (log) acquisition value;
-            ``None`` when every candidate repeated a tried config and a random
-            point was taken instead.
-    """
-
-    config: dict[str, Any]
-    planned_depth: int
-    source_trial: str | None
-    version: int
-    eta: float = 1.0
-    acquisition_value: float | None = None
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One suggestion, as the engine made it: the decision log that reports read
-    to show the cost-cooling schedule and where cached prefixes were reused.
-
-    Attributes:
-        trial_id: The trial the config was suggested for.
-        phase: ``"warmup"``, ``"bo"``, ``"random"``, or ``"given"`` (a config the
-            caller chose, see :meth:`BOEngine.register`).
-        eta: The cost exponent of the decision. A BO step: the one its
-            acquisition used (computed with the proposal, which under a
-            lookahead is a little before the hand-out); otherwise the value
-            :attr:`BOEngine.eta` had (1 during warm-up for EEIPU and CArBO, 0 for
-            EI and random search).
-        budget_spent: Cost charged by finished trials when the config was handed out.
-        planned_prefix_depth: Leading stages expected to be loaded from the cache.
-        source_trial: The trial whose cached prefix the config extends (BO steps
-            that reuse a prefix), else ``None``.
-        acquisition_value: The chosen candidate's acquisition value, on the
-            acquisition's scale (``log EI + eta log E[1/C]`` for EEIPU, the
-            index in standard deviations of the observations for ``eeipu_gittins``);
-            ``None`` when no acquisition chose the config.
-    """
-
-    trial_id: str
-    phase: str
-    eta: float
-    budget_spent: float
-    planned_prefix_depth: int = 0
-    source_trial: str | None = None
-    acquisition_value: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able form (``decisions.json`` of ``eeipu-ray run``)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Decision:
-        """Inverse of :meth:`to_dict`."""
-        value = data.get("acquisition_value")
-        source = data.get("source_trial")
-        return cls(
-            trial_id=str(data["trial_id"]),
-            phase=str(data["phase"]),
-            eta=float(data["eta"]),
-            budget_spent=float(data["budget_spent"]),
-            planned_prefix_depth=int(data.get("planned_prefix_depth", 0)),
-            source_trial=None if source is None else str(source),
-            acquisition_value=None if value is None else float(value),
-        )
 
 
 class BOEngine:
@@ -504,17 +244,17 @@ class BOEngine:
             x, phase = self._random.propose(self.n_suggested), "random"
             config = self.space.from_unit(x)
         elif not self.next_is_bo():
-            with _torch_threads(opts.num_threads):
-                x = self._next_warmup_point(available)
+            with torch_threads(opts.num_threads):
+                x = self._next_warmup_point()
             phase = "warmup"
             config = self.space.from_unit(x)
         else:
             self._enter_bo()
             proposal = lookahead if self._usable(lookahead) else None
             if proposal is None:
-                with _torch_threads(opts.num_threads):
+                with torch_threads(opts.num_threads):
                     proposal = self._propose(self.store, available, self.bo_steps)
-            config = _copy_config(proposal.config)
+            config = copy_config(proposal.config)
             phase = "bo"
         planned_depth = proposal.planned_depth if proposal is not None else 0
         x = self.space.to_unit(config)
@@ -531,7 +271,7 @@ class BOEngine:
             source_trial=proposal.source_trial if proposal is not None else None,
             acquisition_value=proposal.acquisition_value if proposal is not None else None,
         )
-        return _copy_config(config)
+        return copy_config(config)
 
     @property
     def n_suggested(self) -> int:
@@ -611,7 +351,7 @@ class BOEngine:
         configs = [p.config for p in reserved]
 
         def compute() -> list[Proposal]:
-            with _torch_threads(threads):
+            with torch_threads(threads):
                 return self._propose_batch(store, available, step, q, reserved=configs)
 
         return compute
@@ -646,7 +386,7 @@ class BOEngine:
         towards the warm-up."""
         x = self.space.to_unit(config)
         keys = list(prefix_keys_of(config)) if prefix_keys_of is not None else None
-        self.store.add_pending(trial_id, _copy_config(config), x, phase="given", prefix_keys=keys)
+        self.store.add_pending(trial_id, copy_config(config), x, phase="given", prefix_keys=keys)
         self._decisions[trial_id] = Decision(
             trial_id=trial_id, phase="given", eta=self.eta, budget_spent=self.budget_spent
         )
@@ -661,7 +401,7 @@ class BOEngine:
         """Record a trial the engine did not suggest (e.g. a user's starting point);
         it counts towards the warm-up, as :meth:`register` does."""
         x = self.space.to_unit(config)
-        self.store.add_pending(trial_id, _copy_config(config), x, phase="observed")
+        self.store.add_pending(trial_id, copy_config(config), x, phase="observed")
         self.store.complete(trial_id, result, error=error)
 
     def pins(self) -> set[str]:
@@ -738,44 +478,12 @@ class BOEngine:
             ),
         )
 
-    def _next_warmup_point(self, available: Callable[[str], bool] | None) -> Tensor:
+    def _next_warmup_point(self) -> Tensor:
         # Scrambled Sobol: diverse by construction and reproducible from
         # (seed, index), so a restored engine continues the same design.
-        costed = [r for r in self.store if r.finished and r.charged_cost > 0]
-        if (
-            self.options.warmup_design == "sobol"
-            or len(self.store.completed) < _MIN_OBSERVATIONS
-            or len(costed) < _MIN_OBSERVATIONS
-        ):
-            x = self.space.sobol(1, seed=self.options.seed, skip=self._n_warmup_drawn)[0]
-            self._n_warmup_drawn += 1
-            return x
-        m = self.options.warmup_candidates
-        candidates = self.space.sobol(m, seed=self.options.seed, skip=self._n_warmup_drawn)
-        self._n_warmup_drawn += m
-        candidates = self.space.snap(candidates)  # cells, as the configs will be
-        new = ~self._is_repeat(candidates, self.store)
-        if new.any():
-            candidates = candidates[new]
-        seen = torch.stack([r.x for r in self.store])
-        pick = cheap_and_diverse(candidates, seen, self._predicted_log_cost(candidates, available))
-        return candidates[pick]
-
-    def _predicted_log_cost(self, X: Tensor, available: Callable[[str], bool] | None) -> Tensor:
-        """Posterior-mean log cost of running each point of ``X`` (``m x d``) now:
-        its uncached stages (EEIPU's models) or its whole pipeline (total cost)."""
-        models = self._models(self.store)
-        with torch.no_grad():
-            if models.stage_costs is not None:
-                Xq = X.unsqueeze(-2)
-                mu = torch.cat([m.posterior(Xq).mean for m in models.stage_costs.models], -1)
-                mu = mu.squeeze(-2)  # m x K
-                cached = self._cached_prefixes(self.store, available)
-                delta = cached.depth(X) if cached else torch.zeros(X.shape[0], dtype=torch.long)
-                total = suffix_cost(mu, delta, models.load_costs)
-                return torch.log(total.clamp_min(1e-300))
-            assert models.total_cost is not None
-            return models.total_cost.posterior(X.unsqueeze(-2)).mean.reshape(-1)
+        x = self.space.sobol(1, seed=self.options.seed, skip=self._n_warmup_drawn)[0]
+        self._n_warmup_drawn += 1
+        return x
 
     def _models(self, store: TrialStore) -> SurrogateModels:
         strategy = self.strategy
@@ -787,8 +495,7 @@ class BOEngine:
                 self._stage_dims,
                 need_stage_costs=strategy.needs_stage_costs,
                 # A cheap warm-up needs some cost model, even for a cost-blind method.
-                need_total_cost=strategy.needs_total_cost
-                or (self.options.warmup_design == "cheap" and not strategy.needs_stage_costs),
+                need_total_cost=strategy.needs_total_cost,
                 upstream=self.options.cost_model_upstream,
                 load_prior=self.options.load_cost_prior,
                 warping=self.options.objective_warping,
@@ -985,7 +692,7 @@ class BOEngine:
             store = store.snapshot()
             for i, config in enumerate(reserved):
                 store.add_pending(
-                    f"__reserved-{step}-{i}", _copy_config(config), self.space.to_unit(config)
+                    f"__reserved-{step}-{i}", copy_config(config), self.space.to_unit(config)
                 )
         return store
 
@@ -1162,24 +869,13 @@ class BOEngine:
 
 
 # --------------------------------------------------------------------------
-# Private helpers
+# Helpers
 # --------------------------------------------------------------------------
 
 
-def _check_int(options: EngineOptions, name: str, minimum: int) -> None:
-    value = getattr(options, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise EngineOptionsError(f"{name}={value!r} must be an int >= {minimum}")
-
-
-def _check_nonnegative(options: EngineOptions, name: str) -> None:
-    value = getattr(options, name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise EngineOptionsError(f"{name}={value!r} must be a finite number >= 0")
-
-
 @contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the body with ``n`` torch intra-op threads, restored after (``None``: as is)."""
     if n is None:
         yield
         return
@@ -1191,7 +887,8 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _copy_config(config: Mapping[str, Any]) -> dict[str, Any]:
+def copy_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a config's (nested) dicts, not of its values."""
     # Copies the dicts, not the values: a choice comes back as the very object of
     # the space (a class, a function), and the record is safe from the caller.
     return {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}

@@ -137,18 +137,6 @@ def build_prefix_pool(
     return pool
 
 
-def optimize_over_pool(
-    acqf: AcquisitionFunction,
-    pool: Sequence[Prefix],
-    prefix_dims: Sequence[Sequence[int]],
-    dim: int,
-    options: OptimizeOptions | None = None,
-    seed: int = 0,
-) -> Candidate:
-    """The best candidate of :func:`rank_over_pool`."""
-    return rank_over_pool(acqf, pool, prefix_dims, dim, options, seed)[0]
-
-
 def rank_over_pool(
     acqf: AcquisitionFunction,
     pool: Sequence[Prefix],

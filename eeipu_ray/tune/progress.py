@@ -44,10 +44,11 @@ class BudgetReporter(CLIReporter):
         budget: The cost budget when there is no searcher to ask.
         parameter_columns: Hyperparameters to show (flat ``"stage/name"`` keys,
             or a mapping of key to column title).
-        cost_unit: Unit of the costs, for the budget line.
-        cost_key: Result key of a trial's charged cost (the ``cost`` column,
-            and what is summed without a searcher): ``total_cost`` (seconds)
-            or ``total_energy_joules`` when energy is the cost.
+        cost: What a trial's cost is, ``"time"`` (seconds) or ``"energy"``
+            (joules): the unit of the budget line, and the ``cost`` column
+            (``total_cost``, or ``total_energy_joules``; what is summed
+            without a searcher). ``None`` (default): the searcher's
+            ``EngineOptions.cost``, or ``"time"`` without a searcher.
         max_progress_rows: Rows of the table (the best finished trials and the
             running ones), also in the final report when ``full_final_table``
             is false.
@@ -69,14 +70,16 @@ class BudgetReporter(CLIReporter):
         searcher: EEIPUSearcher | None = None,
         budget: float | None = None,
         parameter_columns: Sequence[str] | Mapping[str, str] | None = None,
-        cost_unit: str = "s",
-        cost_key: str = R.TOTAL_COST,
+        cost: str | None = None,
         max_progress_rows: int = 10,
         max_report_frequency: int = 10,
         full_final_table: bool = True,
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode={mode!r} must be 'max' or 'min'")
+        if cost is None:
+            cost = searcher.options.cost if searcher is not None else "time"
+        cost_key = R.total_cost_key(cost)
         columns = {metric: metric, R.MEMOIZED_STAGES: "memoized", cost_key: "cost"}
         super().__init__(
             metric_columns=columns,
@@ -94,7 +97,7 @@ class BudgetReporter(CLIReporter):
         )
         self._searcher = searcher
         self._budget = budget
-        self._cost_unit = cost_unit
+        self._cost_unit = R.COST_UNITS[cost]
         self._cost_key = cost_key
         self._full_final_table = full_final_table
 

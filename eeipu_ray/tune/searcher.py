@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import copy
-import dataclasses
 import logging
 import math
 import os
@@ -27,12 +26,24 @@ from ray.tune.search import Searcher
 
 from eeipu_ray import result as R
 from eeipu_ray.errors import ConfigError, EEIPUError
+from eeipu_ray.tune._arguments import (
+    MOVED,
+    SearcherOptionsError,
+    SearcherStateError,
+    check_arguments,
+    copy_points,
+    dump_checkpoint,
+    explicit_fields,
+    merge_options,
+    moved_arguments,
+    options_of_older,
+)
 
 if TYPE_CHECKING:
     from eeipu_ray.cache import PrefixCache
     from eeipu_ray.pipeline import Pipeline
     from eeipu_ray.search import BOEngine, EngineOptions, SearchSpace
-    from eeipu_ray.search.engine import Decision, Proposal
+    from eeipu_ray.search.decisions import Decision, Proposal
     from eeipu_ray.search.paths import PathLayout
 
 logger = logging.getLogger(__name__)
@@ -41,14 +52,6 @@ logger = logging.getLogger(__name__)
 # options, cache), so a freshly built searcher restores it.
 CHECKPOINT_FORMAT = 2
 _READABLE_FORMATS = (1, 2)
-
-
-class SearcherStateError(EEIPUError, RuntimeError):
-    """The searcher was used before it knew its search space, or a checkpoint does not fit."""
-
-
-class SearcherOptionsError(EEIPUError, ValueError):
-    """An argument of :class:`EEIPUSearcher` is invalid; the message names it."""
 
 
 class EEIPUSearcher(Searcher):
@@ -60,14 +63,14 @@ class EEIPUSearcher(Searcher):
     cached prefix when that buys more expected improvement per unit of cost
     (Essofi et al., arXiv 2411.03731). Without a pipeline it is a cost-aware BO
     searcher over a plain Tune search space: the cost of a trial is read from
-    ``cost_key`` (``time_total_s`` by default).
+    the result key ``EngineOptions.cost_key`` (``time_total_s`` by default).
 
-    With ``cost="energy"`` the costs are joules: the budget is in joules, the
-    stage-cost GPs model each stage's measured compute energy
+    With ``options=EngineOptions(cost="energy")`` the costs are joules: the
+    budget is in joules, the stage-cost GPs model each stage's measured compute energy
     (``compute_energy_joules/<s>``, the original energy of a cached stage),
     and a trial is charged the energy it spent (``energy_joules/<s>``; a trial
     a scheduler stopped early, ``total_energy_joules`` so far). Trials must run
-    where a meter works (``pipeline.as_trainable(energy="required")`` fails
+    where a meter works (``pipeline.as_trainable(cost="energy")`` fails
     them up front otherwise); a result that carries costs but no measured
     energy is refused with :class:`~eeipu_ray.errors.EnergyMeterError`.
 
@@ -88,7 +91,8 @@ class EEIPUSearcher(Searcher):
         metric: The metric to optimize (or set by ``TuneConfig(metric=...)``).
         mode: ``"max"`` or ``"min"`` (or set by ``TuneConfig(mode=...)``).
         budget: Total cost the search may spend, in the trials' cost unit
-            (seconds); ``Searcher.FINISHED`` is returned once it is spent.
+            (seconds, or joules with ``EngineOptions(cost="energy")``);
+            ``Searcher.FINISHED`` is returned once it is spent.
             While trials run, a new one starts only if the running ones are
             not expected to spend the rest (``suggest`` returns ``None``, wait,
             until one finishes; ``EngineOptions(reserve_pending=False)`` turns
@@ -96,52 +100,37 @@ class EEIPUSearcher(Searcher):
         cache: The prefix cache the trials use; the searcher asks it which
             prefixes are still cached and pins the ones it plans to reuse.
         acquisition: ``"eeipu"`` (default), ``"ei"``, ``"eips"``, ``"carbo"``, ``"random"``.
-            This, ``budget``, ``n_warmup`` and ``seed`` set the
-            :class:`~eeipu_ray.search.EngineOptions` fields of the same name;
-            not given (``None``), they leave the field as ``options`` sets it.
+            This and ``budget`` set the :class:`~eeipu_ray.search.EngineOptions`
+            fields of the same name; not given (``None``), they leave the field
+            as ``options`` sets it.
         space: A Tune search space, when there is no pipeline (or given to
             ``Tuner(param_space=...)``).
         points_to_evaluate: Configs to try first.
-        n_warmup: Initial design size (default 10).
-        seed: Seeds the initial design and the optimizer (default 0).
         max_concurrent: Most trials running at once (0: no limit of its own;
             Tune then starts trials as resources allow, one pending at a time
             unless ``TUNE_MAX_PENDING_TRIALS_PG`` says more). ``ConcurrencyLimiter``
             sets it too.
-        cost: ``"time"`` (default: seconds of stage time) or ``"energy"``
-            (joules measured by the trials' energy meters; see above).
-        cost_key: Result key holding a plain trainable's cost (default
-            ``time_total_s``; ``total_energy_joules`` with ``cost="energy"``).
-        lookahead: Compute the next BO proposal in a background thread as soon
-            as a suggestion is handed out, so a freed trial slot is refilled at
-            once instead of after a full acquisition optimization
-            (asynchronous BO: the proposal sees the trials running at that
-            moment as pending, not the result that frees the slot). ``None``
-            (default): on when ``max_concurrent > 1``, or with no limit
-            (``0``) whenever more than one trial is running; a sequential
-            search (``max_concurrent=1``) stays exact.
-        batch_size: Proposals one lookahead computes from one acquisition
-            optimization (greedy batch: the later ones treat the earlier ones
-            as pending, see ``BOEngine.lookahead_batch``). ``"auto"``
-            (default): as many as trial slots are expected to free up while
-            one batch is computed (running trials / their median duration x
-            the last batch's compute time, plus one), so that ``suggest`` keeps
-            up with many workers; with few workers or long trials that is 1,
-            which is the plain lookahead. An int fixes it.
-        options: Further :class:`~eeipu_ray.search.EngineOptions` (restarts,
-            samples, top-Q, ...). An argument above that is given and
-            disagrees with a field ``options`` sets is an error naming both.
+        options: Everything else: :class:`~eeipu_ray.search.EngineOptions`
+            (``n_warmup``, ``seed``, ``cost`` (``"time"`` or ``"energy"``),
+            ``cost_key``, ``lookahead``, ``batch_size``, restarts, samples,
+            top-Q, ...). ``acquisition`` or ``budget`` given here and
+            disagreeing with a field ``options`` sets is an error naming both.
+            The former arguments ``n_warmup``, ``seed``, ``cost``, ``cost_key``,
+            ``lookahead`` and ``batch_size`` are still accepted, with a
+            ``FutureWarning``, and go into ``options``.
 
     Raises:
         SearcherOptionsError: an invalid argument, or one that conflicts with
             ``options``, named with its value.
+        EngineOptionsError: an invalid option (naming it).
         SearcherStateError: both a pipeline and a space.
         SearchSpaceError: the space cannot be encoded (naming the key).
         ConfigError: a ``points_to_evaluate`` entry does not fit the pipeline.
 
     Example:
         >>> searcher = EEIPUSearcher(pipeline, metric="score", mode="max",
-        ...                          budget=3600.0, cache=cache, max_concurrent=4)
+        ...                          budget=3600.0, cache=cache, max_concurrent=4,
+        ...                          options=EngineOptions(n_warmup=8, seed=1))
         >>> tune.Tuner(pipeline.as_trainable(cache=cache, metric="score"),
         ...            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1)).fit()
         >>> searcher.save("searcher.pkl")
@@ -160,14 +149,9 @@ class EEIPUSearcher(Searcher):
         *,
         space: Mapping[str, Any] | None = None,
         points_to_evaluate: Sequence[Mapping[str, Any]] | None = None,
-        n_warmup: int | None = None,
-        seed: int | None = None,
         max_concurrent: int | None = None,
-        cost: str | None = None,
-        cost_key: str | None = None,
         options: EngineOptions | None = None,
-        lookahead: bool | None = None,
-        batch_size: int | str | None = None,
+        **moved: Any,
     ) -> None:
         from eeipu_ray.pipeline import Pipeline
 
@@ -177,26 +161,18 @@ class EEIPUSearcher(Searcher):
                     "the search space was given twice (positionally and as space=); give it once"
                 )
             pipeline, space = None, pipeline
-        _check_arguments(
+        moved = moved_arguments(moved)
+        check_arguments(
             pipeline=pipeline,
             space=space,
             metric=metric,
             mode=mode,
             options=options,
             max_concurrent=max_concurrent,
-            batch_size=batch_size,
-            cost=cost,
-            cost_key=cost_key,
             is_pipeline=pipeline is None or isinstance(pipeline, Pipeline),
         )
-        metric, mode, engine_options = _merge_options(
-            options,
-            metric=metric,
-            mode=mode,
-            acquisition=acquisition,
-            budget=budget,
-            n_warmup=n_warmup,
-            seed=seed,
+        metric, mode, engine_options = merge_options(
+            options, metric=metric, mode=mode, acquisition=acquisition, budget=budget, **moved
         )
         super().__init__(metric=metric, mode=mode)
         # What this instance was given explicitly: ``restore`` keeps it and takes
@@ -208,22 +184,16 @@ class EEIPUSearcher(Searcher):
             "metric": metric,
             "mode": mode,
             "max_concurrent": max_concurrent,
-            "cost": cost,
-            "cost_key": cost_key,
-            "lookahead": lookahead,
-            "batch_size": batch_size,
         }
         self._given = {name for name, value in given.items() if value is not None}
-        self._given_options = _explicit_fields(
-            options, acquisition=acquisition, budget=budget, n_warmup=n_warmup, seed=seed
+        self._given_options = explicit_fields(
+            options, acquisition=acquisition, budget=budget, **moved
         )
         self._pipeline: Pipeline | None = pipeline
         self._cache = cache
         self._options = engine_options
         self._max_concurrent = max_concurrent or 0
-        self._cost = cost or "time"
-        self._cost_key = cost_key or (R.TOTAL_ENERGY_JOULES if cost == "energy" else "time_total_s")
-        self._points = _copy_points(points_to_evaluate)
+        self._points = copy_points(points_to_evaluate)
         # The space the searcher encodes: the pipeline's declared space (with the
         # entries of a Tuner's param_space in place), or the plain space as given.
         self._space: dict[str, Any] | None = None
@@ -232,8 +202,6 @@ class EEIPUSearcher(Searcher):
             self._use_space(pipeline.search_space)
         elif space is not None:
             self._use_space(space)
-        self._lookahead = lookahead
-        self._batch_size: int | str = batch_size or "auto"
         self._init_run_state()
         if self._ready():
             self._build_engine()
@@ -527,7 +495,7 @@ class EEIPUSearcher(Searcher):
         trials, the budget spent, the space (and the pipeline), metric, mode,
         options and cache.
         """
-        payload = _dump(self._state(), self._pipeline)
+        payload = dump_checkpoint(self._state(), self._pipeline)
         directory = os.path.dirname(os.path.abspath(checkpoint_path))
         tmp = os.path.join(directory, f".{os.path.basename(checkpoint_path)}.{uuid.uuid4().hex}")
         try:
@@ -559,10 +527,6 @@ class EEIPUSearcher(Searcher):
                 "options": self._options,
                 "cache": self._cache,
                 "max_concurrent": self._max_concurrent,
-                "cost": self._cost,
-                "cost_key": self._cost_key,
-                "lookahead": self._lookahead,
-                "batch_size": self._batch_size,
             },
         }
 
@@ -638,9 +602,17 @@ class EEIPUSearcher(Searcher):
         if saved_options is not None:
             mine = {name: getattr(self._options, name) for name in self._given_options}
             self._options = replace(saved_options, **mine)
-        for name in ("cache", "max_concurrent", "cost", "cost_key", "lookahead", "batch_size"):
+        for name in ("cache", "max_concurrent"):
             if name not in self._given and name in search:
                 setattr(self, f"_{name}", search[name])
+        # Checkpoints of older versions kept these beside the options.
+        older = {
+            name: search[name]
+            for name in MOVED
+            if search.get(name) is not None and name not in self._given_options
+        }
+        if older:
+            self._options = replace(self._options, **older)
 
     def _load(self, state: Mapping[str, Any]) -> None:
         self.engine.load_state_dict(state["engine"])
@@ -672,11 +644,20 @@ class EEIPUSearcher(Searcher):
         self.__dict__.setdefault("_given", set())
         self.__dict__.setdefault("_given_options", set())
         if "_options" not in self.__dict__:
-            self._options = _options_of_older(state)
+            self._options = options_of_older(state)
+        older = {n: self.__dict__.pop(f"_{n}") for n in MOVED if f"_{n}" in self.__dict__}
+        older = {name: value for name, value in older.items() if value is not None}
+        if older:
+            self._options = replace(self._options, **older)
         if self._pending_state is not None and self._ready():
             self._build_engine()
 
     # ------------------------------------------------------------- progress
+    @property
+    def options(self) -> EngineOptions:
+        """The engine options in effect (the arguments and ``options`` merged)."""
+        return self._options
+
     @property
     def budget(self) -> float | None:
         """The cost budget of the search (``None``: unlimited)."""
@@ -701,8 +682,8 @@ class EEIPUSearcher(Searcher):
     # ------------------------------------------------------------- helpers
 
     def _lookahead_on(self) -> bool:
-        if self._lookahead is not None:
-            return self._lookahead
+        if self._options.lookahead is not None:
+            return self._options.lookahead
         if self._max_concurrent == 1:
             return False
         # No limit given: trials run side by side when more than one is in flight.
@@ -750,8 +731,8 @@ class EEIPUSearcher(Searcher):
 
     def _target_batch(self) -> int:
         """Proposals to keep ready: ``batch_size``, or its ``"auto"`` estimate."""
-        if self._batch_size != "auto":
-            return int(self._batch_size)
+        if self._options.batch_size != "auto":
+            return int(self._options.batch_size)
         running = len(self.engine.store.pending)
         cap = self._max_concurrent or max(running, 1)
         return max(1, min(cap, self._timing.demand(running)))
@@ -773,8 +754,15 @@ class EEIPUSearcher(Searcher):
 
         return available
 
+    @property
+    def _cost_key(self) -> str:
+        """The result key of a plain trainable's cost (``EngineOptions.cost_key``)."""
+        if self._options.cost_key is not None:
+            return self._options.cost_key
+        return R.TOTAL_ENERGY_JOULES if self._options.cost == "energy" else "time_total_s"
+
     def _with_cost(self, result: dict[str, Any] | None) -> dict[str, Any] | None:
-        if self._cost == "energy" and result is not None:
+        if self._options.cost == "energy" and result is not None:
             result = self._energy_as_cost(result)
         if result is None or self._pipeline is not None:
             return result
@@ -784,7 +772,7 @@ class EEIPUSearcher(Searcher):
         return {**result, R.STAGE_COST: cost, R.COMPUTE_COST: cost}
 
     def _energy_as_cost(self, result: dict[str, Any]) -> dict[str, Any]:
-        """``result`` with joules in the engine's cost fields (``cost="energy"``).
+        """``result`` with joules in the engine's cost fields (``EngineOptions.cost="energy"``).
 
         Time-based costs are dropped, never mixed in: a stage without measured
         energy has no cost here. A result that reports costs but no energy came
@@ -800,17 +788,18 @@ class EEIPUSearcher(Searcher):
                 return result
             if "time_total_s" in result or R.TOTAL_COST in result:
                 raise EnergyMeterError(
-                    f"EEIPUSearcher(cost='energy'): the result has no {self._cost_key!r} "
-                    "(joules); report measured energy under that key or pass cost_key="
+                    f"EngineOptions(cost='energy'): the result has no {self._cost_key!r} "
+                    "(joules); report measured energy under that key or set "
+                    "EngineOptions(cost_key=...)"
                 )
             return result
         if R.reports_time_costs(result) and not R.reports_energy(result):
             sources = sorted({str(v) for v in R.stage_entries(result, R.ENERGY_SOURCE).values()})
             raise EnergyMeterError(
-                "EEIPUSearcher(cost='energy'): a trial reported costs but no measured energy "
+                "EngineOptions(cost='energy'): a trial reported costs but no measured energy "
                 f"(energy sources: {sources or ['none']}): no energy meter works where it ran. "
                 "Run trials on nodes with NVIDIA GPUs (NVML, the 'energy' extra) or readable "
-                "RAPL counters, or use cost='time'"
+                "RAPL counters, or use EngineOptions(cost='time')"
             )
         return R.energy_as_cost(result)
 
@@ -861,164 +850,6 @@ class _Timing:
         duration = max(statistics.median(self._durations), 1e-6)
         # Twice the expected need: a refit makes the occasional batch slower.
         return 1 + math.ceil(2.0 * running * self.batch_seconds / duration)
-
-
-# --------------------------------------------------------------------------
-# Private helpers
-# --------------------------------------------------------------------------
-
-
-def _check_arguments(
-    *,
-    pipeline: Any,
-    space: Any,
-    metric: Any,
-    mode: Any,
-    options: Any,
-    max_concurrent: Any,
-    batch_size: Any,
-    cost: Any,
-    cost_key: Any,
-    is_pipeline: bool,
-) -> None:
-    """Refuse invalid constructor arguments, naming them (Ray's Searcher would
-    assert on some of them instead).
-
-    Raises:
-        SearcherOptionsError: naming the argument and its value.
-        SearcherStateError: both a pipeline and a space.
-    """
-    from eeipu_ray.search import EngineOptions
-
-    if not is_pipeline:
-        raise SearcherOptionsError(
-            f"pipeline={pipeline!r:.100} must be an eeipu_ray Pipeline, a search space mapping "
-            f"or None, not {type(pipeline).__name__}"
-        )
-    if pipeline is not None and space is not None:
-        raise SearcherStateError("give either a pipeline or a space, not both")
-    if space is not None and not isinstance(space, Mapping):
-        raise SearcherOptionsError(
-            f"space must be a mapping of Tune domains, got {type(space).__name__}"
-        )
-    if metric is not None and (not isinstance(metric, str) or not metric):
-        raise SearcherOptionsError(f"metric={metric!r} must be a non-empty string or None")
-    if mode not in (None, "min", "max"):
-        raise SearcherOptionsError(f"mode={mode!r} must be 'min', 'max' or None")
-    if options is not None and not isinstance(options, EngineOptions):
-        raise SearcherOptionsError(
-            f"options={options!r:.100} must be an EngineOptions, not {type(options).__name__}"
-        )
-    if max_concurrent is not None and (
-        isinstance(max_concurrent, bool)
-        or not isinstance(max_concurrent, int)
-        or max_concurrent < 0
-    ):
-        raise SearcherOptionsError(f"max_concurrent={max_concurrent!r} must be an int >= 0")
-    if batch_size not in (None, "auto") and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise SearcherOptionsError(f"batch_size={batch_size!r} must be 'auto' or an int >= 1")
-    if cost not in (None, "time", "energy"):
-        raise SearcherOptionsError(f"cost={cost!r} must be 'time' or 'energy'")
-    if cost_key is not None and (not isinstance(cost_key, str) or not cost_key):
-        raise SearcherOptionsError(f"cost_key={cost_key!r} must be a non-empty string")
-
-
-def _copy_points(points: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
-    """Deep copies of ``points_to_evaluate``.
-
-    Raises:
-        ConfigError: an entry is not a mapping, naming its index.
-    """
-    for i, point in enumerate(points or []):
-        if not isinstance(point, Mapping):
-            raise ConfigError(
-                f"points_to_evaluate[{i}] must be a config mapping, got "
-                f"{type(point).__name__}: {point!r:.200}"
-            )
-    return [copy.deepcopy(dict(p)) for p in points or []]
-
-
-def _explicit_fields(options: EngineOptions | None, **arguments: Any) -> set[str]:
-    """The EngineOptions fields set explicitly: by an argument that was given, or
-    by ``options`` to a value other than the default."""
-    from eeipu_ray.search import EngineOptions
-
-    fields = {name for name, value in arguments.items() if value is not None}
-    if options is not None:
-        default = EngineOptions()
-        fields |= {
-            f.name
-            for f in dataclasses.fields(options)
-            if getattr(options, f.name) != getattr(default, f.name)
-        }
-    return fields
-
-
-def _merge_options(
-    options: EngineOptions | None, *, metric: str | None, mode: str | None, **arguments: Any
-) -> tuple[str | None, str | None, EngineOptions]:
-    """``(metric, mode, options)``: the searcher's arguments merged into ``options``.
-
-    An argument that is not given (``None``) never overrides a field that
-    ``options`` sets; an argument and an ``options`` field that both set a value,
-    and disagree, are an error naming both. ``metric``/``mode`` come from
-    ``options`` when the searcher is given none and ``options`` sets a metric.
-
-    Raises:
-        SearcherOptionsError: an argument conflicts with ``options``.
-        EngineOptionsError: a merged value is invalid (naming it).
-    """
-    from eeipu_ray.search import EngineOptions
-
-    base = options if options is not None else EngineOptions()
-    default = EngineOptions()
-    explicit = {"metric": metric, "mode": mode, **arguments}
-    for name, value in explicit.items():
-        held = getattr(base, name)
-        set_by_options = options is not None and held != getattr(default, name)
-        if value is not None and set_by_options and value != held:
-            raise SearcherOptionsError(
-                f"{name}={value!r} conflicts with options.{name}={held!r}; give it once"
-            )
-    if metric is None and options is not None and options.metric != default.metric:
-        metric = options.metric
-        mode = mode or options.mode
-    given = {name: value for name, value in arguments.items() if value is not None}
-    merged = replace(base, **given) if given else base
-    return metric, mode, merged
-
-
-def _dump(state: dict[str, Any], pipeline: Pipeline | None) -> bytes:
-    """The checkpoint's bytes (cloudpickle: a pipeline's stage functions may be
-    closures). A pipeline that cannot be pickled is left out, with a warning: a
-    restore then needs the pipeline given to the searcher."""
-    from ray import cloudpickle
-
-    try:
-        return cloudpickle.dumps(state, protocol=5)
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        if pipeline is None:
-            raise
-        reason = f"the pipeline could not be pickled ({type(exc).__name__}: {exc}); "
-        logger.warning("EEIPUSearcher: checkpoint without its pipeline: %s", reason)
-        search = {**state["search"], "pipeline": None, "pipeline_error": reason}
-        return cloudpickle.dumps({**state, "search": search}, protocol=5)
-
-
-def _options_of_older(state: Mapping[str, Any]) -> EngineOptions:
-    """EngineOptions from the attributes a searcher pickled by an older version had."""
-    from eeipu_ray.search import EngineOptions
-
-    base = state.get("_base_options") or EngineOptions()
-    return replace(
-        base,
-        acquisition=state.get("_acquisition", base.acquisition),
-        budget=state.get("_budget", base.budget),
-        n_warmup=state.get("_n_warmup", base.n_warmup),
-        seed=state.get("_seed", base.seed),
-    )
 
 
 def _layout_of(space: Mapping[str, Any]) -> PathLayout:

@@ -447,7 +447,10 @@ def test_points_to_evaluate_are_checked_when_the_searcher_is_built() -> None:
 def test_searcher_options_are_refused_naming_them(kwargs: dict[str, Any], culprit: str) -> None:
     args: dict[str, Any] = {"metric": "score", "mode": "max", **kwargs}
     with pytest.raises(EEIPUError) as info:
-        EEIPUSearcher(config_pipeline(Calls()), **args)
+        if set(kwargs) <= {"batch_size", "cost", "n_warmup"}:  # EngineOptions fields
+            EEIPUSearcher(config_pipeline(Calls()), options=EngineOptions(**kwargs))
+        else:
+            EEIPUSearcher(config_pipeline(Calls()), **args)
     assert_names(info.value, culprit)
     if "max_concurrent" in kwargs:
         assert isinstance(info.value, SearcherOptionsError | ValueError)
@@ -603,7 +606,7 @@ def test_extreme_but_finite_results_never_crash_a_bo_step(acquisition: str, warp
     if warping == "none":
         assert fallback  # the fallback is announced, never silent
     else:
-        decisions = engine.decisions[len(outcomes):]
+        decisions = engine.decisions[len(outcomes) :]
         assert [d.phase for d in decisions] == ["bo", "bo"]
         # Every BO step that did not fall back chose its config by acquisition.
         assert fallback or all(d.acquisition_value is not None for d in decisions)
@@ -619,7 +622,9 @@ def test_searcher_charges_a_failed_trial_its_last_report_as_documented(
     from a finished trial is a failure too, charged and not fitted. Both survive
     a checkpoint round trip."""
     pipeline = config_pipeline(Calls())
-    searcher = EEIPUSearcher(pipeline, metric="score", mode="max", n_warmup=3)
+    searcher = EEIPUSearcher(
+        pipeline, metric="score", mode="max", options=EngineOptions(n_warmup=3)
+    )
     for trial in ("t0", "t1", "t2"):
         assert isinstance(searcher.suggest(trial), dict)
     searcher.on_trial_result(
@@ -649,7 +654,9 @@ def test_searcher_charges_a_failed_trial_its_last_report_as_documented(
 
     path = tmp_path / "searcher.pkl"
     searcher.save(str(path))
-    restored = EEIPUSearcher(pipeline, metric="score", mode="max", n_warmup=3)
+    restored = EEIPUSearcher(
+        pipeline, metric="score", mode="max", options=EngineOptions(n_warmup=3)
+    )
     restored.restore(str(path))
     assert restored.budget_spent == searcher.budget_spent
     assert [r.status for r in restored.engine.records] == [r.status for r in store]

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -315,9 +316,10 @@ def test_s3_credentials_appear_in_no_log_result_report_or_checkpoint(
         metric="score",
         mode="max",
         cache=cache,
-        n_warmup=3,
         max_concurrent=1,
-        options=EngineOptions(num_restarts=2, raw_samples=32, mc_samples=32, maxiter=10),
+        options=replace(
+            EngineOptions(num_restarts=2, raw_samples=32, mc_samples=32, maxiter=10), n_warmup=3
+        ),
     )
     storage = tmp_path / "storage"
     grid = tune.Tuner(
@@ -336,7 +338,9 @@ def test_s3_credentials_appear_in_no_log_result_report_or_checkpoint(
     checkpoint = tmp_path / "searcher.pkl"
     searcher.save(str(checkpoint))
     assert _leaks(tmp_path / "searcher.pkl") == []
-    restored = EEIPUSearcher(pipeline, metric="score", mode="max", cache=cache, n_warmup=3)
+    restored = EEIPUSearcher(
+        pipeline, metric="score", mode="max", cache=cache, options=EngineOptions(n_warmup=3)
+    )
     restored.restore(str(checkpoint))
     assert restored.budget_spent == searcher.budget_spent
 

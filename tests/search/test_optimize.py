@@ -13,7 +13,7 @@ from eeipu_ray.search.optimize import (
     Prefix,
     _PoolAcquisition,
     build_prefix_pool,
-    optimize_over_pool,
+    rank_over_pool,
 )
 
 D = torch.double
@@ -58,14 +58,14 @@ def test_empty_prefix_finds_the_optimum():
     # Kind (a), by margin: an isotropic quadratic, which L-BFGS-B solves from any
     # start (measured: to the last bit for seeds 0-9) against tolerances of 1e-4.
     acqf = _Bowl([0.2, 0.7, 0.4, 0.9])
-    cand = optimize_over_pool(
+    cand = rank_over_pool(
         acqf,
         [EMPTY_PREFIX],
         PREFIX_DIMS,
         4,
         OptimizeOptions(num_restarts=3, raw_samples=64),
         seed=0,
-    )
+    )[0]
     assert cand.prefix is EMPTY_PREFIX
     assert torch.allclose(cand.x, torch.tensor([0.2, 0.7, 0.4, 0.9], dtype=D), atol=1e-4)
     assert cand.value == pytest.approx(0.0, abs=1e-7)
@@ -82,9 +82,9 @@ def test_best_prefix_wins_and_keeps_its_values_exactly():
         Prefix(1, torch.tensor([*cached, 0.0, 0.0], dtype=D), "near", "k-near"),
         Prefix(2, torch.tensor([0.95, 0.05, 0.5, 0.0], dtype=D), "deep", "k-deep"),
     ]
-    cand = optimize_over_pool(
+    cand = rank_over_pool(
         acqf, pool, PREFIX_DIMS, 4, OptimizeOptions(num_restarts=3, raw_samples=64), seed=1
-    )
+    )[0]
     assert cand.prefix.source_trial == "near"
     assert cand.x[:2].tolist() == cached  # bit-exact: no drift of fixed dims
     assert torch.allclose(cand.x[2:], torch.tensor([0.4, 0.9], dtype=D), atol=1e-4)
@@ -121,4 +121,4 @@ def test_options_validated():
     with pytest.raises(ValueError, match="num_restarts"):
         OptimizeOptions(num_restarts=0)
     with pytest.raises(ValueError, match="pool is empty"):
-        optimize_over_pool(_Bowl([0.5] * 4), [], PREFIX_DIMS, 4)
+        rank_over_pool(_Bowl([0.5] * 4), [], PREFIX_DIMS, 4)

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import replace
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -62,8 +63,9 @@ def main() -> None:
             mode="max",
             budget=BUDGET,
             cache=cache,
-            n_warmup=4,
-            options=EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20),
+            options=replace(
+                EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20), n_warmup=4
+            ),
         )
         tuner = tune.Tuner(
             _held(trainable, os.path.join(storage, "started")),

@@ -90,10 +90,8 @@ def _searcher(pipeline: Pipeline, cache: PrefixCache, budget: float) -> EEIPUSea
         mode="max",
         budget=budget,
         cache=cache,
-        n_warmup=3,
-        seed=1,
         max_concurrent=2,
-        options=FAST,
+        options=replace(FAST, n_warmup=3, seed=1),
     )
 
 

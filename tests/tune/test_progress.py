@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from contextlib import redirect_stdout
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,14 +22,17 @@ from eeipu_ray.tune.searcher import EEIPUSearcher
 FAST = EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20)
 
 
-def _trial(total_cost: float, finished: bool = True) -> Any:
-    return SimpleNamespace(last_result={"total_cost": total_cost}, is_finished=lambda: finished)
+def _trial(total_cost: float, finished: bool = True, joules: float | None = None) -> Any:
+    result = {"total_cost": total_cost}
+    if joules is not None:
+        result["total_energy_joules"] = joules
+    return SimpleNamespace(last_result=result, is_finished=lambda: finished)
 
 
 def test_budget_line_reads_the_searcher_and_survives_tuner_pickling(tmp_path: Path) -> None:
     pipeline = load_pipeline("synthetic")
     searcher = EEIPUSearcher(
-        pipeline, metric="score", mode="max", budget=500.0, n_warmup=3, options=FAST
+        pipeline, metric="score", mode="max", budget=500.0, options=replace(FAST, n_warmup=3)
     )
     reporter = BudgetReporter("score", "max", searcher=searcher)
     assert (
@@ -55,10 +59,25 @@ def test_budget_line_reads_the_searcher_and_survives_tuner_pickling(tmp_path: Pa
 
 
 def test_without_a_searcher_the_trials_costs_are_summed() -> None:
-    reporter = BudgetReporter("loss", "min", budget=10.0, cost_unit="J")
-    trials = [_trial(2.5), _trial(1.0), _trial(99.0, finished=False)]
-    assert reporter.budget_line(trials) == "Cost: 3.5 J spent of 10 J (6.5 J left)"
+    trials = [_trial(2.5, joules=40.0), _trial(1.0, joules=3.0), _trial(99.0, False, 900.0)]
+    reporter = BudgetReporter("loss", "min", budget=100.0, cost="energy")
+    assert reporter.budget_line(trials) == "Cost: 43 J spent of 100 J (57 J left)"
     assert BudgetReporter("loss", "min").budget_line(trials) == "Cost: 3.5 s spent (no budget)"
+    with pytest.raises(ValueError, match="cost='watts'"):
+        BudgetReporter("loss", "min", cost="watts")
+
+
+def test_the_cost_unit_comes_from_the_searcher() -> None:
+    searcher = EEIPUSearcher(
+        load_pipeline("synthetic"),
+        metric="score",
+        mode="max",
+        budget=50.0,
+        options=replace(FAST, cost="energy"),
+    )
+    reporter = BudgetReporter("score", "max", searcher=searcher)
+    assert reporter.budget_line([]).startswith("Cost: 0 J spent of 50 J")
+    assert "total_energy_joules" in reporter._metric_columns
 
 
 def test_reporter_columns_and_metric_from_tune_config() -> None:

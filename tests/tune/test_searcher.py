@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,19 @@ FAST = EngineOptions(num_restarts=2, raw_samples=64, mc_samples=64, maxiter=20)
 
 
 def make_searcher(pipeline: Any, cache: PrefixCache | None, **kwargs: Any) -> EEIPUSearcher:
+    """A searcher with ``FAST`` options; ``kwargs`` naming EngineOptions fields go there."""
     kwargs.setdefault("budget", 25.0)
-    kwargs.setdefault("n_warmup", 4)
-    return EEIPUSearcher(pipeline, metric="score", mode="max", cache=cache, options=FAST, **kwargs)
+    fields = {f.name for f in dataclasses.fields(EngineOptions)} - {"budget", "acquisition"}
+    options = {name: kwargs.pop(name) for name in list(kwargs) if name in fields}
+    options.setdefault("n_warmup", 4)
+    return EEIPUSearcher(
+        pipeline,
+        metric="score",
+        mode="max",
+        cache=cache,
+        options=replace(FAST, **options),
+        **kwargs,
+    )
 
 
 def test_lifecycle_failures_are_charged_and_state_survives_restore(tmp_path: Path) -> None:
@@ -127,8 +139,7 @@ def test_tune_run_with_concurrency_limiter_and_plain_space(ray_local: Any, tmp_p
         mode="min",
         space=space,
         acquisition="carbo",
-        n_warmup=3,
-        options=FAST,
+        options=replace(FAST, n_warmup=3),
         points_to_evaluate=[{"x": 0.3, "n": 1, "tag": "constant"}],
     )
     analysis = tune.run(
@@ -258,7 +269,7 @@ def test_auto_batch_size_follows_trial_durations_and_compute_time() -> None:
     timing.batch_seconds = 0.01
     assert timing.demand(running=4) == 2  # at least one more than what frees up
     with pytest.raises(ValueError, match="batch_size"):
-        EEIPUSearcher(pipeline=load_pipeline("synthetic"), batch_size=0)
+        EEIPUSearcher(pipeline=load_pipeline("synthetic"), options=EngineOptions(batch_size=0))
 
 
 def test_add_evaluated_point_and_errors_name_the_problem() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,13 @@ from eeipu_ray.cache import PrefixCache
 from eeipu_ray.errors import ConfigError
 from eeipu_ray.pipelines import load_pipeline
 from eeipu_ray.pipelines.synthetic import synthetic_objective
-from eeipu_ray.search import ACQUISITIONS, EngineOptions, EngineStateError, SearchSpaceError
+from eeipu_ray.search import (
+    ACQUISITIONS,
+    EngineOptions,
+    EngineOptionsError,
+    EngineStateError,
+    SearchSpaceError,
+)
 from eeipu_ray.search.records import TrialStatus
 from eeipu_ray.tune.searcher import EEIPUSearcher, SearcherOptionsError, SearcherStateError
 
@@ -106,12 +113,12 @@ def make_searcher(kind: str, acquisition: str, cache: PrefixCache | None) -> EEI
         "mode": "max",
         "budget": 1000.0,
         "acquisition": acquisition,
-        "n_warmup": 3,
-        "options": FAST,
+        "options": replace(FAST, n_warmup=3),
     }
     if kind == "pipeline":
         return EEIPUSearcher(SYNTHETIC, cache=cache, **common)
-    return EEIPUSearcher(space=NESTED, cost_key="cost", **common)
+    common["options"] = replace(common["options"], cost_key="cost")
+    return EEIPUSearcher(space=NESTED, **common)
 
 
 def good_result(kind: str, config: dict[str, Any], cache: PrefixCache | None) -> dict[str, Any]:
@@ -235,7 +242,9 @@ def test_restore_of_a_pipeline_with_closures_and_of_one_that_cannot_be_pickled(
             ),
         ],
     )
-    searcher = EEIPUSearcher(closures, metric="score", mode="max", n_warmup=2, options=FAST)
+    searcher = EEIPUSearcher(
+        closures, metric="score", mode="max", options=replace(FAST, n_warmup=2)
+    )
     config = searcher.suggest("t0")
     searcher.on_trial_complete("t0", result=closures.run(config).to_result("score"))
     searcher.save(str(tmp_path / "closures.pkl"))
@@ -254,7 +263,9 @@ def test_restore_of_a_pipeline_with_closures_and_of_one_that_cannot_be_pickled(
             return {"score": -params["a"]}
 
     unpicklable = Pipeline("locked", [Stage("only", locked, {"a": tune.uniform(0.0, 1.0)})])
-    searcher = EEIPUSearcher(unpicklable, metric="score", mode="max", n_warmup=2, options=FAST)
+    searcher = EEIPUSearcher(
+        unpicklable, metric="score", mode="max", options=replace(FAST, n_warmup=2)
+    )
     config = searcher.suggest("t0")
     searcher.on_trial_complete("t0", result=unpicklable.run(config).to_result("score"))
     with caplog.at_level(logging.WARNING, logger="eeipu_ray.tune.searcher"):
@@ -296,7 +307,7 @@ def _kind_score(config: dict[str, Any]) -> float:
 
 @pytest.mark.parametrize("how", ["constructor", "positional", "set_search_properties"])
 def test_nested_spaces_of_every_domain_kind_round_trip(how: str) -> None:
-    kwargs: dict[str, Any] = {"n_warmup": 4, "options": FAST, "cost_key": "cost"}
+    kwargs: dict[str, Any] = {"options": replace(FAST, n_warmup=4, cost_key="cost")}
     if how == "constructor":
         searcher = EEIPUSearcher(space=EVERY_KIND, metric="score", mode="max", **kwargs)
     elif how == "positional":
@@ -328,10 +339,8 @@ def test_nested_points_and_evaluated_points_are_accepted_nested_or_flat() -> Non
         space=NESTED,
         metric="score",
         mode="max",
-        n_warmup=3,
-        options=FAST,
+        options=replace(FAST, n_warmup=3, cost_key="cost"),
         points_to_evaluate=[point],
-        cost_key="cost",
     )
     assert searcher.suggest("given") == point  # handed to Tune exactly as given
     searcher.on_trial_complete("given", result={"score": 1.0, "cost": 1.0})
@@ -363,7 +372,7 @@ def test_nested_space_errors_name_the_key() -> None:
 # ---------------------------------------------------- param_space, options
 def test_a_tuner_param_space_overrides_the_pipelines_declared_space(tmp_path: Path) -> None:
     pipeline = load_pipeline("synthetic")
-    searcher = EEIPUSearcher(pipeline, budget=1e6, n_warmup=3, options=FAST)
+    searcher = EEIPUSearcher(pipeline, budget=1e6, options=replace(FAST, n_warmup=3))
     override = {"stage1": {"x1": tune.uniform(5.0, 6.0), "x2": 0.5}}
     assert searcher.set_search_properties("score", "max", override) is True
     assert searcher.engine.space.dim == 6  # stage1/x2 is a constant now
@@ -431,10 +440,10 @@ def test_arguments_given_win_options_set_stay_and_conflicts_name_both() -> None:
         space={"x": tune.uniform(0, 1)},
         metric="m",
         mode="max",
+        budget=7.0,
         options=EngineOptions(n_warmup=3, acquisition="ei"),
-        seed=4,
     )
-    assert (searcher.engine.options.n_warmup, searcher.engine.options.seed) == (3, 4)
+    assert (searcher.engine.options.n_warmup, searcher.engine.options.budget) == (3, 7.0)
     assert searcher.engine.options.acquisition == "ei"
     with pytest.raises(
         SearcherOptionsError, match=r"budget=10\.0 conflicts with options\.budget=5\.0"
@@ -456,6 +465,82 @@ def test_arguments_given_win_options_set_stay_and_conflicts_name_both() -> None:
         EEIPUSearcher(options={"budget": 5})
 
 
+def test_former_arguments_go_into_the_options_with_a_future_warning() -> None:
+    space = {"x": tune.uniform(0, 1)}
+    with pytest.warns(FutureWarning, match=r"options=EngineOptions\(seed=4\)"):
+        searcher = EEIPUSearcher(space, "m", "max", seed=4, options=EngineOptions(n_warmup=3))
+    assert (searcher.options.seed, searcher.options.n_warmup) == (4, 3)
+    with pytest.warns(FutureWarning) as caught:
+        searcher = EEIPUSearcher(
+            space,
+            "m",
+            "max",
+            n_warmup=2,
+            cost="energy",
+            cost_key="j",
+            lookahead=False,
+            batch_size=3,
+        )
+    assert len(caught) == 5
+    o = searcher.options
+    assert (o.n_warmup, o.cost, o.cost_key, o.lookahead, o.batch_size) == (
+        2,
+        "energy",
+        "j",
+        False,
+        3,
+    )
+    with (
+        pytest.warns(FutureWarning),
+        pytest.raises(SearcherOptionsError, match=r"n_warmup=2 conflicts with options\.n_warmup=3"),
+    ):
+        EEIPUSearcher(space, n_warmup=2, options=EngineOptions(n_warmup=3))
+    with pytest.warns(FutureWarning), pytest.raises(EngineOptionsError, match="batch_size=0"):
+        EEIPUSearcher(space, batch_size=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_warmups'"):
+        EEIPUSearcher(space, n_warmups=2)
+
+
+def test_checkpoints_of_the_former_arguments_restore_into_the_options(tmp_path: Path) -> None:
+    """Checkpoints and pickles that kept cost, cost_key, lookahead and batch_size
+    beside the options (before they were options) restore with those values."""
+    import pickle
+
+    space = {"x": tune.uniform(0, 1)}
+    searcher = EEIPUSearcher(space, "m", "max", options=replace(FAST, n_warmup=2))
+    searcher.suggest("t0")
+    path = tmp_path / "older.pkl"
+    searcher.save(str(path))
+    with open(path, "rb") as fh:
+        state = pickle.load(fh)
+    older = {"cost": "energy", "cost_key": "joules", "lookahead": False, "batch_size": 2}
+    state["search"].update(older)
+    with open(path, "wb") as fh:
+        pickle.dump(state, fh)
+    restored = EEIPUSearcher()
+    restored.restore(str(path))
+    o = restored.options
+    assert (o.cost, o.cost_key, o.lookahead, o.batch_size, o.n_warmup) == (
+        "energy",
+        "joules",
+        False,
+        2,
+        2,
+    )
+    # Given to this instance, an option wins over the checkpoint's former argument.
+    mine = EEIPUSearcher(options=EngineOptions(batch_size=5))
+    mine.restore(str(path))
+    assert (mine.options.batch_size, mine.options.cost) == (5, "energy")
+    # A searcher pickled with the former attributes (as Tuner pickles it).
+    pickled = searcher.__getstate__()
+    pickled.update({f"_{name}": value for name, value in older.items()})
+    again = EEIPUSearcher.__new__(EEIPUSearcher)
+    again.__setstate__(pickled)
+    assert (again.options.cost, again.options.batch_size) == ("energy", 2)
+    assert not set(vars(again)) & {f"_{name}" for name in older}
+    assert isinstance(again.suggest("t1"), dict)
+
+
 # ------------------------------------------------- real Tune, nested spaces
 def _nested_trainable(config: dict[str, Any]) -> None:
     assert_nested_config(config)  # the trial got the nested config
@@ -465,7 +550,7 @@ def _nested_trainable(config: dict[str, Any]) -> None:
 def test_tune_run_with_a_nested_param_space_finishes_on_the_budget(
     ray_local: Any, tmp_path: Path
 ) -> None:
-    searcher = EEIPUSearcher(budget=8.0, n_warmup=3, options=FAST, cost_key="cost")
+    searcher = EEIPUSearcher(budget=8.0, options=replace(FAST, n_warmup=3, cost_key="cost"))
     analysis = tune.run(
         _nested_trainable,
         config=NESTED,
@@ -505,7 +590,7 @@ def _fit(trainable: Any, param_space: dict[str, Any], searcher: EEIPUSearcher, w
 def test_tuner_with_a_nested_param_space_and_a_pipeline_override(
     ray_local: Any, tmp_path: Path
 ) -> None:
-    searcher = EEIPUSearcher(budget=8.0, n_warmup=3, options=FAST, cost_key="cost")
+    searcher = EEIPUSearcher(budget=8.0, options=replace(FAST, n_warmup=3, cost_key="cost"))
     results = _fit(_nested_trainable, NESTED, searcher, tmp_path / "nested")
     assert sum(r.metrics["cost"] for r in results) >= 8.0
     for r in results:
@@ -514,7 +599,7 @@ def test_tuner_with_a_nested_param_space_and_a_pipeline_override(
     # With a pipeline, the param_space narrows stage1/x1: the trials run it.
     pipeline = load_pipeline("synthetic")
     cache = PrefixCache(tmp_path / "cache")
-    searcher = EEIPUSearcher(pipeline, budget=20.0, cache=cache, n_warmup=3, options=FAST)
+    searcher = EEIPUSearcher(pipeline, budget=20.0, cache=cache, options=replace(FAST, n_warmup=3))
     trainable = pipeline.as_trainable(cache=cache, metric="score")
     override = {"stage1": {"x1": tune.uniform(1.5, 2.0)}}
     results = _fit(trainable, override, searcher, tmp_path / "override")

@@ -1,10 +1,11 @@
-"""EEIPUSearcher(cost="energy"): joules as the budget and as what the stage-cost
+"""EngineOptions(cost="energy"): joules as the budget and as what the stage-cost
 GPs learn, from real pipeline runs metered through a fake NVML binding; and the
 trial's meter as the trainable opens it (Ray's GPU ids -> NVML)."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -57,9 +58,7 @@ def test_energy_is_the_budget_and_what_the_cost_models_learn(tmp_path):
         mode="max",
         budget=60.0,
         cache=cache,
-        cost="energy",
-        n_warmup=3,
-        options=FAST,
+        options=replace(FAST, cost="energy", n_warmup=3),
     )
     spent_joules = 0.0
     with NvmlMeter(["0"], nvml=nvml) as meter:
@@ -90,9 +89,7 @@ def test_energy_mode_charges_a_stopped_trial_and_refuses_results_without_energy(
         metric="score",
         mode="max",
         budget=100.0,
-        cost="energy",
-        n_warmup=2,
-        options=FAST,
+        options=replace(FAST, cost="energy", n_warmup=2),
     )
     # A trial stopped by a scheduler: Tune hands over its last progress report.
     progress: list[dict[str, Any]] = []
@@ -111,7 +108,7 @@ def test_energy_mode_charges_a_stopped_trial_and_refuses_results_without_energy(
     with pytest.raises(EnergyMeterError, match="no measured energy"):
         searcher.on_trial_complete("unmetered", result=result)
     with pytest.raises(ValueError, match="cost="):
-        EEIPUSearcher(pipeline, metric="score", mode="max", cost="watts")
+        EEIPUSearcher(pipeline, metric="score", mode="max", options=EngineOptions(cost="watts"))
 
 
 def test_the_trainable_meters_the_gpus_ray_assigned(monkeypatch):
@@ -132,7 +129,7 @@ def test_the_trainable_meters_the_gpus_ray_assigned(monkeypatch):
             return {"CPU": 1.0, "GPU": self.gpus}
 
     monkeypatch.setattr(ray, "get_runtime_context", lambda: Context(1.0))
-    with trainable._trial_meter("required", "t1") as meter:
+    with trainable._trial_meter("energy", "auto", "t1") as meter:
         assert meter.devices == ("gpu:GPU-00000003-fake",) and not meter.shared
         span = meter.begin()
         nvml.spend(3, 1_234)
@@ -140,12 +137,27 @@ def test_the_trainable_meters_the_gpus_ray_assigned(monkeypatch):
         assert span.read().joules == pytest.approx(1.234)
     # Half a GPU: the counter is the whole GPU's, shared with another trial.
     monkeypatch.setattr(ray, "get_runtime_context", lambda: Context(0.5))
-    with trainable._trial_meter("auto", "t2") as meter:
+    with trainable._trial_meter("time", "auto", "t2") as meter:
         assert meter.shared
     # No GPU and no RAPL: energy mode refuses before any stage runs.
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
     monkeypatch.setenv("EEIPU_ENERGY_METERS", "auto")
     monkeypatch.setattr("eeipu_ray.energy.meters.POWERCAP_ROOT", "/nonexistent")
     with pytest.raises(EnergyMeterError, match="trial t3: energy is the cost"):
-        trainable._trial_meter("required", "t3")
-    assert isinstance(trainable._trial_meter("off", "t4"), NoMeter)
+        trainable._trial_meter("energy", "auto", "t3")
+    assert isinstance(trainable._trial_meter("time", None, "t4"), NoMeter)
+
+
+def test_the_trainable_takes_one_cost_switch_and_the_former_energy_argument() -> None:
+    pipeline = Pipeline("one", [Stage("only", lambda _, hp: {"score": 1.0})])
+    with pytest.raises(ValueError, match="cost='watts'"):
+        pipeline.as_trainable(cost="watts")
+    with pytest.raises(ValueError, match="meter=None measures nothing"):
+        pipeline.as_trainable(cost="energy", meter=None)
+    with pytest.raises(ValueError, match="meter='nvml'"):
+        pipeline.as_trainable(meter="nvml")
+    for energy, replacement in (("required", 'cost="energy"'), ("off", "meter=None")):
+        with pytest.warns(FutureWarning, match=replacement):
+            assert callable(pipeline.as_trainable(energy=energy))
+    with pytest.raises(ValueError, match="energy='sometimes'"):
+        pipeline.as_trainable(energy="sometimes")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -270,10 +271,11 @@ def test_tune_run_with_eeipu_searcher_stops_early_and_skips_what_does_not_fit(
         mode="max",
         cache=cache,
         budget=None,
-        n_warmup=2,
         points_to_evaluate=points,
         max_concurrent=1,
-        options=EngineOptions(num_restarts=2, raw_samples=32, mc_samples=32, maxiter=10),
+        options=replace(
+            EngineOptions(num_restarts=2, raw_samples=32, mc_samples=32, maxiter=10), n_warmup=2
+        ),
     )
     scheduler = SM2Scheduler(
         "epoch",
