@@ -36,6 +36,8 @@ def test_docstring_example():
         (10.0, 12.0, 2.0, 0.0),
         (10.0, 1.0, 2.0, 1.0),
         (2.0, 3.0, 2.0, 0.0),
+        (100.0, 130.0, 20.0, 0.0),
+        (100.0, 120.0, 120.0, 0.0),
     ],
 )
 def test_cost_cooling_values(budget, spent, after, eta):

@@ -20,7 +20,6 @@ from eeipu_ray.search.acquisition import (
     LogExpectedInverseCost,
     RandomProposer,
     _log_expected_inverse_cost,
-    cost_cooling,
 )
 
 D = torch.double
@@ -223,20 +222,6 @@ def test_invalid_construction():
         LogExpectedInverseCost(_cost_model(), load_costs=torch.zeros(2, dtype=D))
 
 
-@pytest.mark.parametrize(
-    ("budget", "spent", "after", "eta"),
-    [
-        (None, 50.0, 10.0, 1.0),
-        (100.0, 20.0, None, 1.0),
-        (100.0, 20.0, 20.0, 1.0),
-        (100.0, 60.0, 20.0, 0.5),
-        (100.0, 100.0, 20.0, 0.0),
-        (100.0, 130.0, 20.0, 0.0),
-        (100.0, 120.0, 120.0, 0.0),
-    ],
-)
-def test_cost_cooling(budget, spent, after, eta):
-    assert cost_cooling(budget, spent, after) == pytest.approx(eta)
 
 
 def test_random_proposer_is_reproducible_per_index():
