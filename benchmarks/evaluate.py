@@ -81,7 +81,12 @@ from eeipu_ray.cli import UsageError, parse_key_values
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = ("paper", "front4", "back5", "flat4", "costly3")
-SEED_SETS = {"design (seeds 0-9)": range(0, 10), "held-out (seeds 10-19)": range(10, 20)}
+SEED_SETS = {
+    "design (seeds 0-9)": range(0, 10),
+    "held-out (seeds 10-19)": range(10, 20),
+    "held-out (seeds 20-29)": range(20, 30),
+    "held-out, pooled (seeds 10-29)": range(10, 30),
+}
 NOISE_T = 2.0  # |t| below this: within the noise
 
 
@@ -415,8 +420,17 @@ def report(rows: list[dict[str, Any]], commands: list[str], machine: dict[str, A
         "(ablations) and methods run on fewer seeds are listed as variants below them.",
         "",
     ]
+    shown: dict[str, list[set[int]]] = {}  # per layout, the seed sets already reported
     for title, seeds in SEED_SETS.items():
-        present = [lay for lay in PIPELINES if _rows_of(rows, lay, seeds)]
+        # A pooled set holding the rows of one set already reported adds nothing.
+        present = [
+            lay
+            for lay in PIPELINES
+            if _rows_of(rows, lay, seeds)
+            and {r["seed"] for r in _rows_of(rows, lay, seeds)} not in shown.get(lay, [])
+        ]
+        for lay in present:
+            shown.setdefault(lay, []).append({r["seed"] for r in _rows_of(rows, lay, seeds)})
         if not present:
             continue
         md += [f"## {title}", ""]
@@ -465,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--against", default=None, metavar="LABEL",
                     help="with --label: the rows the variant is paired with (default: its "
                          "method), e.g. the method's run under the current defaults")
-    ap.add_argument("--seeds", default="0-9", help="e.g. 0-9 (design) or 10-19 (held out)")
+    ap.add_argument("--seeds", default="0-9", help="e.g. 0-9 (design), 10-19 or 20-29 (held out)")
     ap.add_argument("--workers", type=int, default=1,
                     help="trials at a time, in simulated time (engine methods only)")
     ap.add_argument("--budget", type=float, default=None)

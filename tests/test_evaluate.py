@@ -225,6 +225,29 @@ def test_against_without_a_label_is_refused(tmp_path: Path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_each_held_out_seed_set_and_their_pool_get_a_table(tmp_path: Path):
+    def row(method: str, seed: int, best: float) -> dict:
+        return {"pipeline": "t5", "method": method, "seed": seed, "budget": 150.0,
+                "best": best, "candidates": 5, "curve": [[10.0, best - 0.1], [60.0, best]]}
+
+    def report(seeds: list[int]) -> str:
+        rows = [row(m, s, 0.1 * s + (0.5 if m == "eeipu" else 0.0))
+                for m in ("eeipu", "ei") for s in seeds]
+        source = tmp_path / f"rows{len(seeds)}.json"
+        source.write_text(json.dumps({"commands": ["python compare.py"], "rows": rows}))
+        out = tmp_path / f"told{len(seeds)}"
+        run_script("evaluate.py", "--report", "--from-compare", str(source), "--out", str(out),
+                   timeout=120)
+        return out.with_suffix(".md").read_text()
+
+    md = report([10, 11, 12, 20, 21])
+    assert "## held-out (seeds 10-19)" in md and "## held-out (seeds 20-29)" in md
+    pooled = md.split("## held-out, pooled (seeds 10-29)")[1]
+    assert "| eeipu | 5 |" in pooled and "| ei | 0.500 |" in pooled  # 5 seeds paired
+    md = report([10, 11, 12])  # the pool would repeat the 10-19 table: left out
+    assert "## held-out (seeds 10-19)" in md and "pooled" not in md and "20-29" not in md
+
+
 def test_tune_rows_of_a_real_pipeline_are_reported_without_regret(tmp_path: Path):
     """``--report --from-compare``: compare.py's rows (t5 has no known optimum)."""
 
