@@ -284,7 +284,7 @@ def test_sweep_whose_s3_cache_dies_mid_sweep(
     _PROXIES[proxy.port] = proxy
     try:
         tuner = tune.Tuner(
-            pipeline.as_trainable(cache=cache, metric="score", progress=False, energy="off"),
+            pipeline.as_trainable(cache=cache, metric="score", progress=False, meter=None),
             param_space=pipeline.search_space,
             tune_config=tune.TuneConfig(
                 metric="score",
