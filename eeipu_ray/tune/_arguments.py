@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import pickle
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +97,18 @@ def moved_arguments(moved: Mapping[str, Any]) -> dict[str, Any]:
             stacklevel=3,
         )
     return given
+
+
+def with_former(
+    options: EngineOptions, saved: Mapping[str, Any], keep: Collection[str] = ()
+) -> EngineOptions:
+    """``options`` with the former arguments (:data:`MOVED`) that ``saved`` holds
+    (a checkpoint's settings, or an older pickle's attributes), except ``None``
+    and the fields in ``keep`` (given to this instance)."""
+    former = {
+        name: saved[name] for name in MOVED if saved.get(name) is not None and name not in keep
+    }
+    return replace(options, **former) if former else options
 
 
 def copy_points(points: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:

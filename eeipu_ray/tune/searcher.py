@@ -37,6 +37,7 @@ from eeipu_ray.tune._arguments import (
     merge_options,
     moved_arguments,
     options_of_older,
+    with_former,
 )
 
 if TYPE_CHECKING:
@@ -606,13 +607,7 @@ class EEIPUSearcher(Searcher):
             if name not in self._given and name in search:
                 setattr(self, f"_{name}", search[name])
         # Checkpoints of older versions kept these beside the options.
-        older = {
-            name: search[name]
-            for name in MOVED
-            if search.get(name) is not None and name not in self._given_options
-        }
-        if older:
-            self._options = replace(self._options, **older)
+        self._options = with_former(self._options, search, keep=self._given_options)
 
     def _load(self, state: Mapping[str, Any]) -> None:
         self.engine.load_state_dict(state["engine"])
@@ -645,10 +640,8 @@ class EEIPUSearcher(Searcher):
         self.__dict__.setdefault("_given_options", set())
         if "_options" not in self.__dict__:
             self._options = options_of_older(state)
-        older = {n: self.__dict__.pop(f"_{n}") for n in MOVED if f"_{n}" in self.__dict__}
-        older = {name: value for name, value in older.items() if value is not None}
-        if older:
-            self._options = replace(self._options, **older)
+        former = {name: self.__dict__.pop(f"_{name}", None) for name in MOVED}
+        self._options = with_former(self._options, former)
         if self._pending_state is not None and self._ready():
             self._build_engine()
 
