@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eeipu_ray.cooling import cost_trust
 from eeipu_ray.search.acquisition import (
     CachedPrefixes,
     CostAwareLogEI,
@@ -187,7 +186,7 @@ class BOEngine:
     @property
     def eta(self) -> float:
         """The cost exponent the next BO step uses (1 during warm-up; EIPS: 1; EI: 0)."""
-        return self._eta(self.budget_spent, self.store)
+        return self._eta(self.budget_spent)
 
     @property
     def records(self) -> list[TrialRecord]:
@@ -505,21 +504,11 @@ class BOEngine:
             self._cache.version = store.version
         return self._cache.models
 
-    def _eta(self, spent: float, store: TrialStore) -> float:
+    def _eta(self, spent: float) -> float:
         start = self._spent_after_warmup
         if self.options.cooling == "budget" and start is not None:
             start = 0.0  # cooled over the whole budget
-        eta = float(self.strategy.eta(self.options.budget, spent, start))
-        if eta > 0.0 and self.options.cost_trust != "always":
-            pairs = [
-                (float(r.objective), math.log(sum(r.compute_costs)))
-                for r in store.completed
-                if r.objective is not None
-                and r.compute_costs
-                and all(c is not None and c > 0 for c in r.compute_costs)
-            ]
-            eta *= cost_trust([p[0] for p in pairs], [p[1] for p in pairs], self.options.cost_trust)
-        return eta
+        return float(self.strategy.eta(self.options.budget, spent, start))
 
     def _pool_records(self, store: TrialStore) -> list[TrialRecord]:
         """The observations whose prefixes seed the prefix pool, best first."""
@@ -653,7 +642,7 @@ class BOEngine:
         """
         opts = self.options
         models = self._models(store)
-        eta = self._eta(store.budget_spent, store)
+        eta = self._eta(store.budget_spent)
         if opts.cost_free_every is not None and (step + 1) % opts.cost_free_every == 0:
             eta = 0.0
         seed = opts.seed + 7919 * step

@@ -146,7 +146,6 @@ class EngineOptions:
     cost_overhead: float = 0.0
     prefix_patience: int | None = None
     cost_free_every: int | None = None
-    cost_trust: str = "always"
 
     cost: str = "time"
     cost_key: str | None = None
@@ -189,10 +188,6 @@ class EngineOptions:
             _check_int(self, "prefix_patience", 1)
         if self.cost_free_every is not None:
             _check_int(self, "cost_free_every", 1)
-        if self.cost_trust not in ("always", "rank", "test"):
-            raise EngineOptionsError(
-                f"cost_trust={self.cost_trust!r} is not one of ('always', 'rank', 'test')"
-            )
         if self.objective_kernel not in KERNELS:
             raise EngineOptionsError(
                 f"objective_kernel={self.objective_kernel!r} is not one of {KERNELS}"
