@@ -89,9 +89,10 @@ def check_url(url: str) -> str | None:
             "local directory, file://..., s3://bucket/prefix, or another fsspec URL"
         ) from None
     except ImportError as exc:
+        hint = " (pip install 'eeipu-ray[s3]')" if protocol in ("s3", "s3a") else ""
         raise CacheConfigError(
             f"cache URL {shown!r} needs the filesystem package for "
-            f"{protocol!r}, which is not installed ({exc})"
+            f"{protocol!r}, which is not installed{hint}: {exc}"
         ) from None
     if any(c in (".", "..") for c in path.split("/")):
         raise CacheConfigError(

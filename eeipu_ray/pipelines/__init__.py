@@ -13,6 +13,9 @@ BUILTIN = {
     "t5": "eeipu_ray.pipelines.t5",
 }
 
+EXTRAS = {"stacking": "examples", "cnn": "examples", "t5": "t5"}
+"""The package extra each built-in pipeline needs beyond the core install."""
+
 
 def load_pipeline(spec: str, **options: Any) -> Any:
     """A built-in pipeline by name, or a user's ``module:object``.
@@ -41,7 +44,16 @@ def load_pipeline(spec: str, **options: Any) -> Any:
         return fn(**options)
 
     if spec in BUILTIN:
-        return build(importlib.import_module(BUILTIN[spec]).build_pipeline)
+        try:
+            module = importlib.import_module(BUILTIN[spec])
+        except ImportError as exc:
+            extra = EXTRAS.get(spec)
+            missing = exc.name or getattr(exc.__cause__, "name", None)
+            hint = f": pip install 'eeipu-ray[{extra}]'" if extra else ""
+            raise PipelineDefinitionError(
+                f"pipeline {spec!r} needs {missing or 'a package'!r}, which is not installed{hint}"
+            ) from exc
+        return build(module.build_pipeline)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise PipelineDefinitionError(

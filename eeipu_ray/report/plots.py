@@ -62,7 +62,7 @@ def _figure(nrows: int = 1, ncols: int = 1) -> tuple[Figure, Any]:
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ReportError(
-            "eeipu-ray report needs matplotlib for its plots: pip install matplotlib"
+            "eeipu-ray report needs matplotlib for its plots: pip install 'eeipu-ray[report]'"
         ) from exc
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
