@@ -3,19 +3,26 @@
 A codec is chosen by the value's type; the first registered codec whose
 :meth:`Codec.matches` accepts the value encodes it. Built in, in order:
 
-=============  ==========================================================  =======================
-name           values                                                      format
-=============  ==========================================================  =======================
-``arrow``      ``pyarrow.Table``, ``pyarrow.RecordBatch``                  Arrow IPC (or Parquet)
-``pandas``     ``pandas.DataFrame`` (through Arrow, index kept)            Arrow IPC file
-``torch``      ``torch.Tensor``, ``{str: torch.Tensor}`` (state dicts)     safetensors
-``numpy``      ``numpy.ndarray`` and NumPy scalars (not ``object`` dtype)  ``.npy``
-``path``       ``pathlib.Path`` to a file or a directory (checkpoints)     the files themselves
-``json``       ``None``/bool/int/float/str, lists and str-keyed dicts      JSON
-``composite``  tuples, lists, dicts mixing any of the above                one part group per leaf
-``pickle``     anything; **only when the cache was opened with
-               ``allow_pickle=True``**: a shared cache is a trust boundary  pickle protocol 5
-=============  ==========================================================  =======================
+=================  ==========================================================  =====================
+name               values                                                      format
+=================  ==========================================================  =====================
+``hf_dataset``     ``datasets.Dataset``, ``datasets.DatasetDict``               Arrow IPC stream
+``hf_pretrained``  ``transformers`` models and tokenizers                      ``save_pretrained``
+``ray_dataset``    ``ray.data.Dataset``                                        Parquet per block
+``arrow``          ``pyarrow.Table``, ``pyarrow.RecordBatch``                  Arrow IPC or Parquet
+``pandas``         ``pandas.DataFrame`` (through Arrow, index kept)            Arrow IPC file
+``torch``          ``torch.Tensor``, ``{str: torch.Tensor}`` (state dicts)     safetensors
+``numpy``          ``numpy.ndarray`` and NumPy scalars (not ``object`` dtype)  ``.npy``
+``path``           ``pathlib.Path`` to a file or a directory (checkpoints)     the files themselves
+``json``           ``None``/bool/int/float/str, lists and str-keyed dicts      JSON
+``composite``      tuples, lists, dicts mixing any of the above                a part group per leaf
+``pickle``         anything; **only when the cache was opened with
+                   ``allow_pickle=True``**: a shared cache is a trust boundary  pickle protocol 5
+=================  ==========================================================  =====================
+
+The first three live in :mod:`eeipu_ray.cache._hf_codecs` and
+:mod:`eeipu_ray.cache._ray_data_codec`; none of them imports its library
+until a value of its type is stored or loaded.
 
 An encoded value is a set of named *parts* (bytes-like buffers) plus a small
 JSON ``meta`` dict; the cache stores, checksums and transfers parts without
@@ -546,7 +553,13 @@ class PickleCodec(Codec):
 
 # ------------------------------------------------------------------ registry
 def default_codecs() -> list[Codec]:
+    """The built-in codecs, in the order they are tried (pickle is added by the
+    registry, last, when allowed)."""
     return [
+        # Library types first: each matches only its own classes.
+        HFDatasetCodec(),
+        PretrainedCodec(),
+        RayDatasetCodec(),
         ArrowCodec(),
         PandasCodec(),
         TorchCodec(),
@@ -697,3 +710,10 @@ def write_part(data: PartData, fh: Any) -> None:
         return
     for blob in data if isinstance(data, list | tuple) else [data]:
         fh.write(blob)
+
+
+# Codecs of optional libraries, in modules of their own. Imported last: they
+# subclass Codec and use the helpers above (the package imports this module
+# first, so this import always finds them defined).
+from eeipu_ray.cache._hf_codecs import HFDatasetCodec, PretrainedCodec  # noqa: E402
+from eeipu_ray.cache._ray_data_codec import RayDatasetCodec  # noqa: E402
