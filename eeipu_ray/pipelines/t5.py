@@ -1,93 +1,24 @@
-"""A real T5 pipeline: fine-tune a teacher, distill a student in three segments, score ROUGE.
-
-Shaped like the T5 pipeline of the EEIPU paper (Essofi et al., arXiv
-2411.03731): six stages whose outputs are cached, so trials that agree on the
-data, the teacher and the first distillation segments share a long prefix.
-
-1. ``data``: read ``source``/``target`` pairs (the shipped toy set, or the
-   user's JSONL, CSV or Parquet file), hold out ``n_val`` pairs for validation
-   (a seeded permutation), keep up to ``n_train`` of the rest for training, and
-   tokenize both sides, truncating to ``source_len`` and ``target_len`` tokens
-   (labels padded with -100). ``batch_size`` is chosen here and used by every
-   training stage.
-2. ``teacher``: fine-tune a ``T5ForConditionalGeneration`` with AdamW (``lr``,
-   ``weight_decay``) for ``epochs`` epochs, cross-entropy on the targets. The
-   model comes from ``teacher_path`` (``save_pretrained`` directory) or is
-   built from a ``T5Config`` of the chosen ``size``. Usually the most expensive
-   stage.
-3. ``distill1``, ``distill2``, ``distill3``: train a smaller student for a
-   fixed ``epochs`` each, with its own ``lr``, ``weight_decay`` and
-   ``temperature`` per segment, on the knowledge-distillation loss (Hinton et
-   al. 2015) over the non-padding target positions::
-
-       L = alpha * CE(student, labels)
-           + (1 - alpha) * T**2 * KL(softmax(teacher / T) || softmax(student / T))
-
-   with ``alpha`` = :data:`ALPHA` (a constant of the space). Segment 1 creates
-   the student: from ``student_path``, or as the teacher with half its layers
-   (at least one per stack) whose weights are the teacher's embeddings and
-   every other block (``student_init="teacher"``, DistilBERT-style), or a
-   seeded random initialization (``student_init="random"``). Segments 2 and 3
-   continue from the previous segment's student weights with a fresh AdamW
-   (optimizer moments are not carried across segments: that would double the
-   size of every cached segment).
-4. ``evaluate``: generate a summary of every validation source with the
-   student (greedy, or beam search with ``num_beams`` beams; at most
-   ``target_len`` new tokens) and score it against the full reference with
-   ROUGE (``rouge_score``): ``score`` is the mean ROUGE-L F1, ``rouge1`` the
-   mean ROUGE-1 F1.
-
-Stage outputs are dicts of tensors (stored as safetensors) and plain values;
-every model travels as ``{"state_dict": CPU tensors, "config": dict}``.
-
-Importing this module (``transformers``) takes a few seconds once per
-process, outside every stage. Stage times at the defaults are in
-docs/benchmarks.md.
-
-Devices and precision: every training and generation step runs on
-``ctx.device`` (``"cpu"`` or ``"cuda:N"``). On CUDA the forward passes run
-under autocast in bfloat16 where the GPU supports it, else in float16 with a
-gradient scaler; on the CPU in float32. Gradients are clipped to norm
-:data:`MAX_GRAD_NORM`.
-
-Determinism: the split, weight initialization, dropout and batch order are all
-seeded, inside :func:`torch.random.fork_rng` (a stage leaves the global RNG as
-it found it), so on the CPU, with the same number of threads, a config always
-gives the same score. On a GPU some kernels are nondeterministic.
-
-Known limitations:
-
-* The teacher's weights are part of every distillation segment's output (each
-  segment needs the teacher, and a cache entry must be self-contained), so
-  every cached ``teacher`` and ``distill`` entry holds a copy of them: a trial
-  that computes those four stages stores the teacher four times. With a
-  pretrained ``t5-base`` teacher (~900 MB in float32) that is several GB per
-  trial. Give the cache a byte budget (``--cache-budget``), or distill from a
-  small teacher.
-* Local paths (``data_path``, ``tokenizer_path``, ``teacher_path``,
-  ``student_path``) are read by whichever worker runs the stage: on a cluster
-  they must exist at the same path on every node.
-* The data file enters the prefix key through a hash of its bytes, but a model
-  or tokenizer directory only through its ``config.json`` and the names and
-  sizes of its files: replacing the weights in place with others of the same
-  size reuses stale cache entries. Write new weights to a new directory.
+"""T5 fine-tuning and distillation as a cached pipeline: ``data`` -> ``teacher`` ->
+``distill1`` -> ``distill2`` -> ``distill3`` -> ``evaluate`` (ROUGE), on ``datasets``
+and the Hugging Face ``Seq2SeqTrainer``; see :func:`build_pipeline`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import dataclasses
 import json
+import random
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 # The first optimizer a process builds imports torch._dynamo (~2 s on one core);
-# transformers and rouge_score take a few seconds more. Import them with this
-# module, so that they are not charged to the first trial's stages.
+# transformers, accelerate and rouge_score take a few seconds more. Import them
+# with this module, so that they are not charged to the first trial's stages.
 import torch._dynamo
 import torch.nn.functional as F
 
@@ -96,21 +27,47 @@ try:
     from transformers import (
         AutoTokenizer,
         ByT5Tokenizer,
+        DataCollatorForSeq2Seq,
         PreTrainedTokenizerBase,
+        PrinterCallback,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
         T5Config,
         T5ForConditionalGeneration,
+        set_seed,
+    )
+
+    from eeipu_ray.hf import trainer_stage
+    from eeipu_ray.pipelines._t5_data import (
+        DATA_SUFFIXES,
+        DEFAULT_DATA,
+        DataSource,
+        fingerprint,
+        load_pairs,
+        quiet,
+        quiet_map,
+        resolve_source,
     )
 except ImportError as exc:  # dependencies of this pipeline only
     raise ImportError(
-        f"the t5 pipeline needs transformers and rouge-score ({exc.name} is missing): "
-        "pip install 'transformers>=4.56' rouge-score"
+        f"the t5 pipeline needs transformers, accelerate, datasets and rouge-score "
+        f"({exc.name} is missing): pip install 'eeipu-ray[t5]'"
     ) from exc
 
 from eeipu_ray.errors import PipelineDefinitionError
 from eeipu_ray.pipeline import Pipeline, Stage, StageContext
 
-DEFAULT_DATA = Path(__file__).with_name("data") / "t5_toy.jsonl"
-"""The shipped toy set (made by ``data/make_t5_toy.py``): 600 news sentences and headlines."""
+__all__ = [
+    "ALPHA",
+    "DATA_SUFFIXES",
+    "DEFAULT_DATA",
+    "MAX_GRAD_NORM",
+    "SIZES",
+    "DistillationTrainer",
+    "build_pipeline",
+    "load_pairs",
+    "resolve_source",
+]
 
 ALPHA = 0.5
 """Weight of the cross-entropy term of the distillation loss (1 - ALPHA weighs the KL term)."""
@@ -126,33 +83,43 @@ SIZES: dict[str, dict[str, int]] = {
 (same depth for encoder and decoder, no dropout). The student has half the layers.
 ``"small"`` costs about four times as much compute per epoch as ``"tiny"``."""
 
-DATA_SUFFIXES = {".jsonl": "json", ".ndjson": "json", ".csv": "csv", ".parquet": "parquet"}
+TRAINER_ARGS: dict[str, Any] = {
+    "optim": "adamw_torch",
+    "lr_scheduler_type": "constant",  # no warmup, no decay
+    "max_grad_norm": MAX_GRAD_NORM,
+    "logging_strategy": "epoch",  # one report per epoch
+    "dataloader_pin_memory": False,  # batches of a few KB
+}
+"""``Seq2SeqTrainingArguments`` every training stage shares (the searched ones are
+in the stages' spaces; the batch size and, on CUDA, the precision are the run's)."""
+
 EVAL_BATCH_SIZE = 64
 IGNORE_INDEX = -100
+VERSION = "2"  # datasets and model directories; the cache's entries of version 1 held tensors
 
 
 # ---------------------------------------------------------------------- stages
-def _data(_: None, p: dict[str, Any]) -> dict[str, Any]:
-    path = Path(p["data_path"]) if p["data_path"] is not None else DEFAULT_DATA
-    sources, targets = read_pairs(path)
-    val_idx, train_idx = _split(len(sources), p["n_val"], p["n_train"], p["seed"], path)
+def _data(_: None, p: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    source = resolve_source(p["data_path"])
+    pairs = load_pairs(source)
+    val_idx, train_idx = _split(len(pairs), p["n_val"], p["n_train"], p["seed"], source)
     tokenizer = _load_tokenizer(p["tokenizer_path"])
 
-    def encode(idx: list[int]) -> dict[str, torch.Tensor]:
-        return _encode(
-            tokenizer,
-            [sources[i] for i in idx],
-            [targets[i] for i in idx],
-            p["source_len"],
-            p["target_len"],
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        sources = tokenizer(batch["source"], max_length=p["source_len"], truncation=True)
+        targets = tokenizer(
+            text_target=batch["target"], max_length=p["target_len"], truncation=True
         )
+        return {
+            "input_ids": sources["input_ids"],
+            "attention_mask": sources["attention_mask"],
+            "labels": targets["input_ids"],
+        }
 
-    val = encode(val_idx)
+    # Validation keeps the full reference: a short target_len is scored against what it cut.
     return {
-        "train": encode(train_idx),
-        "val": {"input_ids": val["input_ids"], "attention_mask": val["attention_mask"]},
-        # Full references: a short target_len is scored against what it cut off.
-        "val_targets": [targets[i] for i in val_idx],
+        "train": quiet_map(pairs.select(train_idx), encode, remove_columns=["source", "target"]),
+        "validation": quiet_map(pairs.select(val_idx), encode, remove_columns=["source"]),
         "run": {
             "batch_size": int(p["batch_size"]),
             "target_len": int(p["target_len"]),
@@ -164,68 +131,66 @@ def _data(_: None, p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _teacher(data: dict[str, Any], p: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
-    device = torch.device(ctx.device)
+def _build_teacher(
+    data: dict[str, Any], args: Seq2SeqTrainingArguments, hp: dict[str, Any], ctx: StageContext
+) -> Seq2SeqTrainer:
     run = data["run"]
-    with _seeded(p["seed"], device):
-        if p["model_path"] is not None:
-            model = _pretrained(p["model_path"], "teacher_path")
-            _check_vocab(model.config, run["vocab_size"], p["model_path"], "teacher_path")
-        else:
-            model = T5ForConditionalGeneration(_scratch_config(p["size"], run))
-        model.to(device)
-
-        def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            logits = _logits(model, batch)
-            return {"loss": _token_cross_entropy(logits, batch["labels"])}
-
-        _fit(model, loss_fn, data["train"], p, run["batch_size"], p["seed"], ctx)
-    return {
-        "teacher": _export(model),
-        "train": data["train"],
-        "val": data["val"],
-        "val_targets": data["val_targets"],
-        "run": run,
-    }
+    set_seed(hp["seed"])  # weight initialization
+    if hp["model_path"] is not None:
+        model = _pretrained(hp["model_path"], "teacher_path")
+        _check_vocab(model.config, run["vocab_size"], hp["model_path"], "teacher_path")
+    else:
+        model = T5ForConditionalGeneration(_scratch_config(hp["size"], run))
+    return _without_printer(
+        Seq2SeqTrainer(
+            model=model,
+            args=_run_args(args, run, ctx.device),
+            train_dataset=data["train"],
+            data_collator=_collator(run, model),
+        )
+    )
 
 
-def _distill(inputs: dict[str, Any], p: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
-    device = torch.device(ctx.device)
-    temperature, alpha = float(p["temperature"]), float(p["alpha"])
+def _teacher_output(data: dict[str, Any], model_dir: Path, _: dict[str, float]) -> dict[str, Any]:
+    return {"teacher_dir": model_dir, **_carried(data)}
+
+
+def _build_distill(
+    inputs: dict[str, Any], args: Seq2SeqTrainingArguments, hp: dict[str, Any], ctx: StageContext
+) -> DistillationTrainer:
+    temperature, alpha = float(hp["temperature"]), float(hp["alpha"])
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {p['temperature']!r}")
+        raise ValueError(f"temperature must be > 0, got {hp['temperature']!r}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {p['alpha']!r}")
-    with _seeded(p["seed"], device):
-        teacher = _restore(inputs["teacher"]).to(device).eval()
-        teacher.requires_grad_(False)
-        if "student" in inputs:  # segments 2, 3: continue
-            student = _restore(inputs["student"])
-        else:  # segment 1: create
-            student = _new_student(teacher, p, inputs["run"]["vocab_size"])
-        student.to(device)
-        if student.config.vocab_size != teacher.config.vocab_size:
-            raise PipelineDefinitionError(
-                f"the student's vocabulary ({student.config.vocab_size}) differs from the "
-                f"teacher's ({teacher.config.vocab_size}); distillation compares their "
-                "output distributions token by token, so they must be equal"
-            )
+        raise ValueError(f"alpha must be in [0, 1], got {hp['alpha']!r}")
+    run = inputs["run"]
+    set_seed(hp["seed"])  # a random student's initialization
+    teacher = _pretrained(inputs["teacher_dir"], "the teacher stage's model")
+    if "student_dir" in inputs:  # segments 2, 3: continue
+        student = _pretrained(inputs["student_dir"], "the previous segment's student")
+    else:  # segment 1: create
+        student = _new_student(teacher, hp, run["vocab_size"])
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise PipelineDefinitionError(
+            f"the student's vocabulary ({student.config.vocab_size}) differs from the "
+            f"teacher's ({teacher.config.vocab_size}); distillation compares their "
+            "output distributions token by token, so they must be equal"
+        )
+    return _without_printer(
+        DistillationTrainer(
+            teacher=teacher,
+            temperature=temperature,
+            alpha=alpha,
+            model=student,
+            args=_run_args(args, run, ctx.device),
+            train_dataset=inputs["train"],
+            data_collator=_collator(run, student),
+        )
+    )
 
-        def loss_fn(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            with torch.no_grad():
-                teacher_logits = _logits(teacher, batch)
-            student_logits = _logits(student, batch)
-            return _kd_loss(student_logits, teacher_logits, batch["labels"], temperature, alpha)
 
-        _fit(student, loss_fn, inputs["train"], p, inputs["run"]["batch_size"], p["seed"], ctx)
-    return {
-        "teacher": inputs["teacher"],
-        "student": _export(student),
-        "train": inputs["train"],
-        "val": inputs["val"],
-        "val_targets": inputs["val_targets"],
-        "run": inputs["run"],
-    }
+def _distill_output(inputs: dict[str, Any], model_dir: Path, _: dict[str, float]) -> dict[str, Any]:
+    return {"teacher_dir": inputs["teacher_dir"], "student_dir": model_dir, **_carried(inputs)}
 
 
 def _evaluate(distilled: dict[str, Any], p: dict[str, Any], ctx: StageContext) -> dict[str, float]:
@@ -235,29 +200,25 @@ def _evaluate(distilled: dict[str, Any], p: dict[str, Any], ctx: StageContext) -
     device = torch.device(ctx.device)
     run = distilled["run"]
     tokenizer = _load_tokenizer(run["tokenizer_path"])
-    val = distilled["val"]
-    with _seeded(0, device):  # generation draws nothing; construction does
-        model = _restore(distilled["student"])
-    model.to(device).eval()
-    autocast, _ = _precision(device)
+    model = _pretrained(distilled["student_dir"], "the distilled student").to(device).eval()
+    validation = distilled["validation"]
     predictions: list[str] = []
-    n = len(val["input_ids"])
     with torch.no_grad():
-        for start in range(0, n, EVAL_BATCH_SIZE):
-            batch = _batch(val, torch.arange(start, min(start + EVAL_BATCH_SIZE, n)), device)
-            with autocast():
+        for start in range(0, len(validation), EVAL_BATCH_SIZE):
+            rows = validation[start : start + EVAL_BATCH_SIZE]
+            batch = tokenizer.pad(
+                {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"]},
+                return_tensors="pt",
+            ).to(device)
+            with _autocast(device):
                 generated = model.generate(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    max_new_tokens=run["target_len"],
-                    num_beams=num_beams,
-                    do_sample=False,
+                    **batch, max_new_tokens=run["target_len"], num_beams=num_beams, do_sample=False
                 )
             predictions += tokenizer.batch_decode(generated, skip_special_tokens=True)
     scorer = RougeScorer(["rouge1", "rougeL"])
     scores = [
         scorer.score(reference, prediction)
-        for reference, prediction in zip(distilled["val_targets"], predictions, strict=True)
+        for reference, prediction in zip(validation["target"], predictions, strict=True)
     ]
     return {
         "score": sum(s["rougeL"].fmeasure for s in scores) / len(scores),
@@ -266,66 +227,76 @@ def _evaluate(distilled: dict[str, Any], p: dict[str, Any], ctx: StageContext) -
 
 
 # ------------------------------------------------------------------- training
-def _fit(
-    model: T5ForConditionalGeneration,
-    loss_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-    train: Mapping[str, torch.Tensor],
-    p: Mapping[str, Any],
-    batch_size: int,
-    seed: int,
-    ctx: StageContext,
-) -> None:
-    """``p["epochs"]`` epochs of AdamW on ``loss_fn(batch)["loss"]``, reporting the
-    per-example mean of every entry of ``loss_fn``'s output after each epoch."""
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
-    autocast, scaler = _precision(device)
-    order_rng = torch.Generator().manual_seed(seed)
-    train = {k: v.to(device) for k, v in train.items()}
-    n = len(train["labels"])
-    model.train()
-    for epoch in range(1, int(p["epochs"]) + 1):
-        order = torch.randperm(n, generator=order_rng)
-        totals: dict[str, torch.Tensor] = {}
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            with autocast():
-                losses = loss_fn(_batch(train, idx, device))
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:  # float16: scale against underflow, unscale to clip
-                scaler.scale(losses["loss"]).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                losses["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-                optimizer.step()
-            for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + value.detach().float() * len(idx)
-        ctx.report(epoch=epoch, **{k: float(v) / n for k, v in totals.items()})
-    model.eval()
+class DistillationTrainer(Seq2SeqTrainer):
+    """A ``Seq2SeqTrainer`` whose loss distils a frozen teacher into the model.
+
+    Knowledge distillation (Hinton et al., 2015) over the target positions that
+    are not padding (label -100), the logits under teacher forcing::
+
+        L = alpha * CE(student, labels)
+            + (1 - alpha) * T**2 * KL(softmax(teacher / T) || softmax(student / T))
+
+    Each logged ``loss`` comes with ``ce`` and ``kl`` (without the ``T**2``
+    factor), means over the same training steps.
+
+    Args:
+        teacher: The teacher, same vocabulary as the model; moved to the
+            trainer's device, frozen.
+        temperature: ``T > 0``.
+        alpha: Weight of the cross-entropy term, in [0, 1].
+        **kwargs: ``Seq2SeqTrainer``'s (``model`` is the student).
+
+    Example:
+        >>> trainer = DistillationTrainer(  # doctest: +SKIP
+        ...     teacher=teacher, temperature=2.0, alpha=0.5,
+        ...     model=student, args=args, train_dataset=train, data_collator=collator)
+    """
+
+    def __init__(
+        self,
+        *,
+        teacher: T5ForConditionalGeneration,
+        temperature: float,
+        alpha: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.temperature = temperature
+        self.alpha = alpha
+        self._terms: dict[str, list[torch.Tensor]] = {"ce": [], "kl": []}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with torch.no_grad():
+            teacher_logits = _logits(self.teacher, inputs)
+        student_logits = _logits(model, inputs)
+        losses = _kd_loss(
+            student_logits, teacher_logits, inputs["labels"], self.temperature, self.alpha
+        )
+        if model.training:
+            for term in self._terms:
+                self._terms[term].append(losses[term].detach())
+        return (losses["loss"], {"logits": student_logits}) if return_outputs else losses["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._terms["ce"]:  # a training log: the steps since the last
+            for term, values in self._terms.items():
+                logs[term] = float(torch.stack(values).mean())
+                values.clear()
+        super().log(logs, start_time)
 
 
 def _logits(model: T5ForConditionalGeneration, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Decoder logits ``b x t x vocab`` under teacher forcing.
-
-    The decoder reads the labels shifted right behind the start token (what T5
-    does with ``labels=``), without computing T5's own loss.
-    """
+    """Decoder logits ``b x t x vocab`` under teacher forcing (the labels shifted right
+    behind the start token, as T5 does with ``labels=``), without T5's own loss."""
+    decoder_input_ids = batch.get("decoder_input_ids")
+    if decoder_input_ids is None:
+        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     return model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
-        decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]),
+        decoder_input_ids=decoder_input_ids,
     ).logits
-
-
-def _token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the target positions that are not padding (-100)."""
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX
-    )
 
 
 def _kd_loss(
@@ -335,7 +306,7 @@ def _kd_loss(
     temperature: float,
     alpha: float = 0.5,
 ) -> dict[str, torch.Tensor]:
-    """The distillation loss of the module docstring, averaged over target tokens.
+    """The loss of :class:`DistillationTrainer`, averaged over target tokens.
 
     Args:
         student_logits: ``b x t x vocab``.
@@ -361,42 +332,75 @@ def _kd_loss(
     return {"loss": loss, "ce": ce, "kl": kl}
 
 
-def _batch(
-    tensors: Mapping[str, torch.Tensor], idx: torch.Tensor, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Rows ``idx`` of every tensor, with the columns that are padding in all rows cut off."""
-    rows = {k: v[idx.to(v.device)].to(device) for k, v in tensors.items()}
-    width = int(rows["attention_mask"].sum(dim=1).max())
-    rows["input_ids"] = rows["input_ids"][:, :width].contiguous()
-    rows["attention_mask"] = rows["attention_mask"][:, :width].contiguous()
-    if "labels" in rows:
-        length = int((rows["labels"] != IGNORE_INDEX).sum(dim=1).max())
-        rows["labels"] = rows["labels"][:, :length].contiguous()
-    return rows
+def _run_args(
+    args: Seq2SeqTrainingArguments, run: Mapping[str, Any], device: str
+) -> Seq2SeqTrainingArguments:
+    """``args`` with the run's batch size and, on CUDA, mixed precision: bf16 where the
+    GPU has it, else fp16 (with a gradient scaler); float32 on the CPU."""
+    precision = {}
+    if device.startswith("cuda"):
+        precision = {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+    # replace, not setattr: TrainingArguments derives settings from these in __post_init__.
+    return dataclasses.replace(args, per_device_train_batch_size=run["batch_size"], **precision)
 
 
-def _precision(
-    device: torch.device,
-) -> tuple[Callable[[], contextlib.AbstractContextManager[Any]], torch.amp.GradScaler | None]:
-    """Autocast factory and gradient scaler for ``device``: bf16 autocast on CUDA
-    where supported, else fp16 with a scaler; fp32 (no autocast) on the CPU."""
+def _collator(run: Mapping[str, Any], model: T5ForConditionalGeneration) -> DataCollatorForSeq2Seq:
+    """Pads each batch to its longest row, labels with -100; adds the decoder inputs."""
+    return DataCollatorForSeq2Seq(
+        _load_tokenizer(run["tokenizer_path"]), model=model, label_pad_token_id=IGNORE_INDEX
+    )
+
+
+def _without_printer(trainer: Seq2SeqTrainer) -> Seq2SeqTrainer:
+    # The logs reach Tune through the stage's callback; printed too, they flood the console.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _carried(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What every stage after ``data`` passes on unchanged."""
+    return {key: inputs[key] for key in ("train", "validation", "run")}
+
+
+def _autocast(device: torch.device) -> Any:
     if device.type != "cuda":
-        return contextlib.nullcontext, None
-    if torch.cuda.is_bf16_supported():
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16), None
-    return lambda: torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch (init, dropout) for the block and restore the global RNG after it:
-    a stage must not change what the code around it draws next."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+class _Contained:
+    """Runs a stage function without progress bars, then puts Python's, NumPy's and
+    torch's global random states back (the Trainer seeds them all): a stage must not
+    change what the code around it draws next."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, inputs: Any, params: dict[str, Any], ctx: StageContext) -> Any:
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        cuda = ctx.device.startswith("cuda") and torch.cuda.is_available()
+        devices = list(range(torch.cuda.device_count())) if cuda else []
+        try:
+            with torch.random.fork_rng(devices=devices), quiet():
+                return self.fn(inputs, params, ctx)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _training_stage(name: str, build: Any, space: dict[str, Any], output: Any) -> Stage:
+    stage = trainer_stage(
+        name,
+        build,
+        space,
+        args=TRAINER_ARGS,
+        seq2seq=True,
+        evaluate=False,
+        output=output,
+        version=VERSION,
+    )
+    return Stage(stage.name, _Contained(stage.fn), stage.space, version=stage.version)
 
 
 # --------------------------------------------------------------------- models
@@ -421,7 +425,8 @@ def _new_student(
     teacher: T5ForConditionalGeneration, p: Mapping[str, Any], vocab_size: int
 ) -> T5ForConditionalGeneration:
     """The student of segment 1: from ``p["model_path"]``, or the teacher with half its
-    blocks, initialized from the teacher (``p["student_init"] == "teacher"``) or at random
+    blocks (at least one per stack), initialized from the teacher's embeddings and every
+    other block (``p["student_init"] == "teacher"``, DistilBERT-style) or at random
     (``"random"``; seeded by the caller)."""
     if p["model_path"] is not None:
         student = _pretrained(p["model_path"], "student_path")
@@ -452,28 +457,13 @@ def _every_other_block(
     return state
 
 
-def _export(model: T5ForConditionalGeneration) -> dict[str, Any]:
-    """``{"state_dict": CPU tensors, "config": JSON-safe dict}``, what the cache stores."""
-    return {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": json.loads(model.config.to_json_string()),
-    }
-
-
-def _restore(exported: Mapping[str, Any]) -> T5ForConditionalGeneration:
-    """The model :func:`_export` describes, on the CPU (call inside :func:`_seeded`)."""
-    model = T5ForConditionalGeneration(T5Config.from_dict(exported["config"]))
-    model.load_state_dict(exported["state_dict"])
-    return model
-
-
-def _pretrained(path: str, argument: str) -> T5ForConditionalGeneration:
+def _pretrained(path: str | Path, argument: str) -> T5ForConditionalGeneration:
     try:
-        # float32 whatever the checkpoint's dtype: autocast picks the compute precision.
+        # float32 whatever the checkpoint's dtype: the trainer picks the compute precision.
         return T5ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise PipelineDefinitionError(
-            f"{argument} {path!r} could not be loaded as a T5 model: {exc}"
+            f"{argument} {str(path)!r} could not be loaded as a T5 model: {exc}"
         ) from exc
 
 
@@ -487,105 +477,19 @@ def _check_vocab(config: Any, vocab_size: int, path: str, argument: str) -> None
 
 
 # ----------------------------------------------------------------------- data
-def read_pairs(path: str | Path) -> tuple[list[str], list[str]]:
-    """The ``source`` and ``target`` columns of a JSONL, CSV or Parquet file, as strings.
-
-    Other columns are ignored; numbers are turned into their text.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        PipelineDefinitionError: naming the file when its format is unknown or
-            unreadable, a column is missing (naming it), a value is missing or
-            blank (naming the column and row), or it has no rows.
-    """
-    import pyarrow as pa
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist or is not a file")
-    fmt = DATA_SUFFIXES.get(path.suffix.lower())
-    if fmt is None:
-        raise PipelineDefinitionError(
-            f"data file {str(path)!r}: unknown format {path.suffix!r}; use "
-            f"{', '.join(sorted(DATA_SUFFIXES))} (JSON Lines, CSV or Parquet)"
-        )
-    try:
-        if fmt == "json":
-            import pyarrow.json as pa_json
-
-            table = pa_json.read_json(path)
-        elif fmt == "csv":
-            import pyarrow.csv as pa_csv
-
-            table = pa_csv.read_csv(path)
-        else:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise PipelineDefinitionError(
-            f"data file {str(path)!r} could not be read as {fmt}: {exc}"
-        ) from exc
-    columns: list[list[str]] = []
-    for name in ("source", "target"):
-        if name not in table.column_names:
-            raise PipelineDefinitionError(
-                f"data file {str(path)!r} has no {name!r} column (columns: "
-                f"{table.column_names}); it needs 'source' and 'target'"
-            )
-        try:
-            values = table.column(name).cast(pa.string()).to_pylist()
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise PipelineDefinitionError(
-                f"data file {str(path)!r}: column {name!r} cannot be read as text: {exc}"
-            ) from exc
-        blank = next((i for i, v in enumerate(values) if v is None or not v.strip()), None)
-        if blank is not None:
-            raise PipelineDefinitionError(
-                f"data file {str(path)!r}: column {name!r} is missing or empty in row {blank} "
-                "(0-based, header not counted); every row needs a source and a target"
-            )
-        columns.append(values)
-    if not columns[0]:
-        raise PipelineDefinitionError(f"data file {str(path)!r} has no rows")
-    return columns[0], columns[1]
-
-
 def _split(
-    n_rows: int, n_val: int, n_train: int | None, seed: int, path: Path
+    n_rows: int, n_val: int, n_train: int | None, seed: int, source: DataSource
 ) -> tuple[list[int], list[int]]:
     """Validation and training row indices: a seeded permutation, validation first."""
     needed = n_val + (n_train if n_train is not None else 1)
     if n_rows < needed:
         raise PipelineDefinitionError(
-            f"data file {str(path)!r} has {n_rows} rows; n_val={n_val} and n_train={n_train} "
-            f"need at least {needed}"
+            f"data_path {source.location!r} has {n_rows} rows; n_val={n_val} and "
+            f"n_train={n_train} need at least {needed}"
         )
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed)).tolist()
     end = n_val + n_train if n_train is not None else n_rows
     return order[:n_val], order[n_val:end]
-
-
-def _encode(
-    tokenizer: PreTrainedTokenizerBase,
-    sources: Sequence[str],
-    targets: Sequence[str],
-    source_len: int,
-    target_len: int,
-) -> dict[str, torch.Tensor]:
-    """Token ids and mask of the sources, and labels (-100 at padding) of the targets."""
-    source = tokenizer(
-        list(sources), max_length=source_len, truncation=True, padding=True, return_tensors="pt"
-    )
-    target = tokenizer(
-        list(targets), max_length=target_len, truncation=True, padding=True, return_tensors="pt"
-    )
-    labels = target["input_ids"].masked_fill(target["attention_mask"] == 0, IGNORE_INDEX)
-    return {
-        "input_ids": source["input_ids"].contiguous(),
-        "attention_mask": source["attention_mask"].contiguous(),
-        "labels": labels.contiguous(),
-    }
 
 
 def _load_tokenizer(path: str | None) -> PreTrainedTokenizerBase:
@@ -605,27 +509,19 @@ def _load_tokenizer(path: str | None) -> PreTrainedTokenizerBase:
 
 
 # ------------------------------------------------------------ build arguments
-def _existing(path: str | Path | None, argument: str, *, directory: bool = False) -> str | None:
+def _existing(path: str | Path | None, argument: str) -> str | None:
     if path is None:
         return None
     resolved = Path(path).expanduser().resolve()
-    if directory and not resolved.is_dir():
+    if not resolved.is_dir():
         raise FileNotFoundError(f"{argument} {str(path)!r} does not exist or is not a directory")
-    if not resolved.exists():
-        raise FileNotFoundError(f"{argument} {str(path)!r} does not exist")
     return str(resolved)
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def _dir_fingerprint(path: str | None) -> str | None:
     """``config.json``'s bytes and every file's name and size, hashed (weights unread)."""
+    import hashlib
+
     if path is None:
         return None
     root = Path(path)
@@ -667,11 +563,46 @@ def build_pipeline(
     distill_epochs: int = 1,
     student_init: str = "teacher",
 ) -> Pipeline:
-    """The T5 teacher fine-tuning and distillation pipeline.
+    """The T5 teacher fine-tuning and distillation pipeline (after the EEIPU paper's,
+    Essofi et al., arXiv 2411.03731): six stages, the first five cached, so trials
+    that agree on the data, the teacher and the first segments share a long prefix.
+
+    1. ``data`` (``source_len``, ``target_len``, ``batch_size``): load the
+       ``source``/``target`` pairs with ``datasets``, hold out ``n_val`` of them
+       (a seeded permutation), keep up to ``n_train`` of the rest, tokenize
+       (truncated to ``source_len`` and ``target_len`` tokens). Output: the
+       ``train`` and ``validation`` ``datasets.Dataset`` (the latter with the
+       full ``target`` text) and the run's settings.
+    2. ``teacher`` (``learning_rate``, ``weight_decay``, ``num_train_epochs``,
+       ``seed``: ``Seq2SeqTrainingArguments``): fine-tune a
+       ``T5ForConditionalGeneration`` with a ``Seq2SeqTrainer``
+       (:func:`eeipu_ray.hf.trainer_stage`): AdamW at a constant learning rate,
+       gradients clipped to :data:`MAX_GRAD_NORM`, the data stage's
+       ``batch_size``; bf16 (else fp16) on CUDA, float32 on the CPU. Output:
+       ``teacher_dir``, the trained model's ``save_pretrained`` directory.
+    3. ``distill1``-``distill3`` (``learning_rate``, ``weight_decay``,
+       ``temperature``; ``num_train_epochs`` = ``distill_epochs``, ``alpha`` =
+       :data:`ALPHA`): train a student with half the teacher's layers on the
+       loss of :class:`DistillationTrainer`. Segment 1 creates it (see
+       ``student_path`` and ``student_init``), segments 2 and 3 continue from
+       the previous ``student_dir`` with a fresh optimizer. Output: the
+       teacher's and the student's directories.
+    4. ``evaluate`` (``num_beams``): generate a summary of every validation
+       source (at most ``target_len`` tokens) and score it against the full
+       reference: ``score`` is the mean ROUGE-L F1, ``rouge1`` the mean ROUGE-1 F1.
+
+    Every training stage reports the trainer's logs once per epoch. On the CPU,
+    with the same number of threads, a config always gives the same score; the
+    stages leave the global random state as they found it.
 
     Args:
-        data_path: A ``.jsonl``, ``.csv`` or ``.parquet`` file with ``source`` and
-            ``target`` columns; ``None`` uses the shipped toy set (600 pairs).
+        data_path: A ``.jsonl``, ``.csv`` or ``.parquet`` file or a
+            ``save_to_disk`` directory with ``source`` and ``target`` columns
+            (a ``DatasetDict``'s ``train`` split), or a Hugging Face Hub dataset
+            id (needs the network: refused under ``HF_HUB_OFFLINE``); ``None``
+            uses the shipped toy set (600 pairs). A file enters the prefix key
+            through a hash of its bytes, a directory through its files' names
+            and sizes and its metadata (the datasets' fingerprints).
         tokenizer_path: A ``save_pretrained`` tokenizer directory. ``None``: the
             teacher's directory when it holds a tokenizer, else a byte-level
             ``ByT5Tokenizer`` (no files needed).
@@ -683,21 +614,27 @@ def build_pipeline(
         size: Shape of a fresh teacher, a key of :data:`SIZES`.
         n_train: Training pairs used (``None``: every pair not held out).
         n_val: Validation pairs held out (scored by ROUGE).
-        max_epochs: Upper end of the teacher's ``epochs`` range (which starts at
-            a quarter of it).
+        max_epochs: Upper end of the teacher's ``num_train_epochs`` range (which
+            starts at a quarter of it).
         distill_epochs: Epochs of every distillation segment (a constant).
         student_init: How segment 1 initializes a student derived from the
             teacher: ``"teacher"`` (its embeddings and every other block) or
             ``"random"`` (seeded). Ignored with ``student_path``.
 
-    At the defaults a full trial takes seconds on one CPU core (stage times:
-    docs/benchmarks.md); tests pass smaller values.
+    Known limitations: every cached ``teacher`` and ``distill`` entry holds a
+    copy of the teacher's directory (a segment needs the teacher, and an entry
+    must be self-contained): give a large teacher's cache a byte budget
+    (``--cache-budget``). Local paths are read by whichever worker runs the
+    stage: on a cluster they must exist on every node. A model or tokenizer
+    directory enters the prefix key only through its ``config.json`` and its
+    files' names and sizes: write new weights to a new directory.
 
     Raises:
         FileNotFoundError: a path that does not exist (named).
-        PipelineDefinitionError: a data file without ``source``/``target`` (file
-            and column named), a model directory without a T5 config, a tokenizer
-            with more tokens than the teacher has embeddings, or a bad number.
+        PipelineDefinitionError: data without ``source``/``target`` (source and
+            column named), a hub id offline, a model directory without a T5
+            config, a tokenizer with more tokens than the teacher has embeddings,
+            or a bad number.
 
     Example:
         >>> pipeline = build_pipeline(data_path="pairs.csv", n_train=1000)  # doctest: +SKIP
@@ -706,19 +643,18 @@ def build_pipeline(
     from ray import tune
 
     _check_settings(size, student_init, n_train, n_val, max_epochs, distill_epochs)
-    data_file = Path(_existing(data_path, "data_path")) if data_path is not None else DEFAULT_DATA
-    sources, _ = read_pairs(data_file)  # fail now, not in the first trial
-    _split(len(sources), n_val, n_train, 0, data_file)
+    source = resolve_source(data_path)
+    pairs = load_pairs(source)  # fail now, not in the first trial
+    _split(len(pairs), n_val, n_train, 0, source)
     teacher_dir, student_dir, tokenizer_dir = _model_dirs(
         teacher_path, student_path, tokenizer_path
     )
-    low_epochs = max(1, max_epochs // 4)
     data_space = {
         "source_len": tune.choice([32, 48, 64]),
         "target_len": tune.choice([24, 32, 40]),
         "batch_size": tune.choice([8, 16, 32]),
-        "data_path": str(data_file) if data_path is not None else None,
-        "data_sha256": _file_digest(data_file),
+        "data_path": source.location if data_path is not None else None,
+        "data_fingerprint": fingerprint(source, pairs),
         "tokenizer_path": tokenizer_dir,
         "tokenizer_fingerprint": _dir_fingerprint(tokenizer_dir),
         "n_train": n_train,
@@ -726,15 +662,18 @@ def build_pipeline(
         "seed": 0,
     }
     teacher_space = {
-        "lr": tune.loguniform(5e-4, 1e-2),
+        "learning_rate": tune.loguniform(5e-4, 1e-2),
         "weight_decay": tune.loguniform(1e-4, 1e-1),
-        "epochs": tune.randint(low_epochs, max_epochs + 1),
+        "num_train_epochs": tune.randint(max(1, max_epochs // 4), max_epochs + 1),
         "model_path": teacher_dir,
         "model_fingerprint": _dir_fingerprint(teacher_dir),
         "size": size if teacher_dir is None else None,
         "seed": 0,
     }
-    stages = [Stage("data", _data, data_space), Stage("teacher", _teacher, teacher_space)]
+    stages = [
+        Stage("data", _Contained(_data), data_space, version=VERSION),
+        _training_stage("teacher", _build_teacher, teacher_space, _teacher_output),
+    ]
     for segment in range(1, 4):
         space = _distill_space(segment, distill_epochs)
         if segment == 1:
@@ -745,8 +684,15 @@ def build_pipeline(
                     "student_init": student_init if student_dir is None else None,
                 }
             )
-        stages.append(Stage(f"distill{segment}", _distill, space))
-    stages.append(Stage("evaluate", _evaluate, {"num_beams": tune.choice([1, 2, 4])}))
+        stages.append(_training_stage(f"distill{segment}", _build_distill, space, _distill_output))
+    stages.append(
+        Stage(
+            "evaluate",
+            _Contained(_evaluate),
+            {"num_beams": tune.choice([1, 2, 4])},
+            version=VERSION,
+        )
+    )
     return Pipeline("t5", stages)
 
 
@@ -787,9 +733,9 @@ def _model_dirs(
 
     The tokenizer defaults to the teacher's directory when it holds one.
     """
-    teacher_dir = _existing(teacher_path, "teacher_path", directory=True)
-    student_dir = _existing(student_path, "student_path", directory=True)
-    tokenizer_dir = _existing(tokenizer_path, "tokenizer_path", directory=True)
+    teacher_dir = _existing(teacher_path, "teacher_path")
+    student_dir = _existing(student_path, "student_path")
+    tokenizer_dir = _existing(tokenizer_path, "tokenizer_path")
     if (
         tokenizer_dir is None
         and teacher_dir
@@ -818,10 +764,10 @@ def _distill_space(segment: int, distill_epochs: int) -> dict[str, Any]:
     from ray import tune
 
     return {
-        "lr": tune.loguniform(5e-4, 1e-2),
+        "learning_rate": tune.loguniform(5e-4, 1e-2),
         "temperature": tune.uniform(1.0, 4.0),
         "weight_decay": tune.loguniform(1e-4, 1e-1),
-        "epochs": distill_epochs,
+        "num_train_epochs": distill_epochs,
         "alpha": ALPHA,  # documents the constant in every trial's config
         "seed": segment,
     }
