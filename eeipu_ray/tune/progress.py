@@ -1,27 +1,29 @@
-"""Live progress of a sweep: Tune's ``CLIReporter`` plus the search's budget.
+"""Live progress of a sweep: the search's budget next to the trials.
 
-:class:`BudgetReporter` prints Tune's status table with the columns that matter
-for a memoized, cost-aware search (the objective, memoized stages, the trial's
-charged cost, the tuned hyperparameters) and one line of experiment-level
-facts: cost spent, budget left and the cost-cooling exponent.
+:class:`BudgetProgress`, a Tune ``Callback``, prints a line per finished trial
+(its objective, memoized stages and charged cost) and one of the experiment
+(trials, memoized trials, failures, cost spent and budget left, the
+cost-cooling exponent, the best trial so far). It works with any of Tune's
+output modes: ``tune.RunConfig(callbacks=[BudgetProgress(...)])``.
 
-Use it with ``RAY_AIR_NEW_OUTPUT=0`` (Tune ignores ``progress_reporter`` under
-its newer output engine) and ``tune.RunConfig(progress_reporter=...)``.
+:class:`BudgetReporter` prints Tune's status table with those columns and the
+budget line; Tune calls it only under its legacy output
+(``RAY_AIR_NEW_OUTPUT=0``, ``tune.RunConfig(progress_reporter=...)``).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
-from ray.tune import CLIReporter
+from ray.tune import Callback, CLIReporter
+from ray.tune.experiment import Trial
 
 from eeipu_ray import result as R
 
 if TYPE_CHECKING:
-    from ray.tune.experiment import Trial
-
     from eeipu_ray.tune.searcher import EEIPUSearcher
 
 
@@ -114,31 +116,193 @@ class BudgetReporter(CLIReporter):
 
     def budget_line(self, trials: Sequence[Trial]) -> str:
         """``Cost: <spent> spent of <budget> (<left> left); cost-cooling eta <eta>``."""
-        from eeipu_ray.tune.searcher import SearcherStateError
+        finished = [t for t in trials if t.is_finished()]
+        return _budget_line(self._searcher, self._budget, self._cost_key, self._cost_unit, finished)
 
-        unit = self._cost_unit
-        budget, eta = self._budget, None
-        if self._searcher is not None:
-            budget = self._searcher.budget
-            try:
-                spent = self._searcher.budget_spent
-                eta = self._searcher.eta
-            except SearcherStateError:  # no search space yet: nothing was spent
-                spent = 0.0
-        else:
-            spent = math.fsum(
-                float(t.last_result.get(self._cost_key, 0.0) or 0.0)
-                for t in trials
-                if t.last_result and t.is_finished()
+
+class BudgetProgress(Callback):
+    """A Tune ``Callback`` that prints the progress of a budgeted, memoized search.
+
+    On every finished trial it prints two lines to ``out``, the trial's and
+    the experiment's (one line each, wrapped here)::
+
+        trial 8a2c65b4 finished: score 0.8123, 2 stages memoized, cost 4.12 s
+        [6 trials done: 2 memoized, 0 failed; 2 running] Cost: 21.3 s spent of 100 s (78.7 s left);
+            cost-cooling eta 0.812; best score 0.8541 (trial 17f63968)
+
+    and, at the end of the experiment, the experiment's line again. A failed trial
+    (Tune's error, or a pipeline stage that raised) prints ``failed``; one that
+    ended on an intermediate result (a scheduler stopped it before its last
+    stage returned) prints ``ended after N results``.
+    The counts cover every trial Tune knows, those restored by
+    ``Tuner.restore`` included.
+
+    Args:
+        metric: The objective.
+        mode: ``"max"`` or ``"min"``.
+        searcher: The searcher of the run, whose ``budget_spent`` and ``eta``
+            are the facts the search stops on; ``None`` sums the trials'
+            charged costs instead. Hand it the object given to
+            ``tune.TuneConfig(search_alg=...)`` (``Tuner.restore`` unpickles
+            both together, one object again); leave it out under Ray Client.
+        budget: The cost budget when there is no searcher to ask.
+        cost: ``"time"`` (seconds) or ``"energy"`` (joules): the unit and the
+            charged-cost key (``total_cost`` or ``total_energy_joules``).
+            ``None``: the searcher's ``EngineOptions.cost``, else ``"time"``.
+        out: Where to print (default: standard output, when printing).
+
+    Example:
+        >>> searcher = EEIPUSearcher(pipeline, metric="score", mode="max", budget=600.0)
+        >>> progress = BudgetProgress("score", "max", searcher=searcher)
+        >>> tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=searcher),
+        ...            run_config=tune.RunConfig(callbacks=[progress])).fit()
+    """
+
+    def __init__(
+        self,
+        metric: str,
+        mode: str,
+        *,
+        searcher: EEIPUSearcher | None = None,
+        budget: float | None = None,
+        cost: str | None = None,
+        out: TextIO | None = None,
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode={mode!r} must be 'max' or 'min'")
+        if cost is None:
+            cost = searcher.options.cost if searcher is not None else "time"
+        self._metric = metric
+        self._mode = mode
+        self._searcher = searcher
+        self._budget = budget
+        self._cost_key = R.total_cost_key(cost)
+        self._cost_unit = R.COST_UNITS[cost]
+        self._out = out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks into tuner.pkl: a stream does not travel.
+        return {**self.__dict__, "_out": None}
+
+    def on_trial_complete(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        result = trial.last_result or {}
+        cost = result.get(self._cost_key)
+        cost_text = "" if cost is None else f", cost {float(cost):.4g} {self._cost_unit}"
+        if _failed(result, self._metric):
+            line = f"trial {trial.trial_id} failed{cost_text}"
+        elif R.MEMOIZED_STAGES in result:  # a pipeline trial's final result
+            memoized = _count(int(result[R.MEMOIZED_STAGES]), "stage")
+            line = (
+                f"trial {trial.trial_id} finished: {self._metric} "
+                f"{float(result[self._metric]):.6g}, {memoized} memoized{cost_text}"
             )
-        if budget is None:
-            line = f"Cost: {spent:.4g} {unit} spent (no budget)"
-        else:
-            left = max(budget - spent, 0.0)
-            line = f"Cost: {spent:.4g} {unit} spent of {budget:.4g} {unit} ({left:.4g} {unit} left)"
-        if eta is not None:
-            line += f"; cost-cooling eta {eta:.3f}"
+        else:  # an intermediate result: a scheduler stopped the trial, or no pipeline
+            line = (
+                f"trial {trial.trial_id} ended after {_count(_iterations(result), 'result')}: "
+                f"{self._metric} {float(result[self._metric]):.6g}{cost_text}"
+            )
+        self._print(line)
+        self._print(self.status_line(trials, finished=trial))
+
+    def on_trial_error(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        self._print(f"trial {trial.trial_id} failed (error)")
+        self._print(self.status_line(trials))
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self._print(self.status_line(trials))
+
+    def status_line(self, trials: Sequence[Trial], finished: Trial | None = None) -> str:
+        """``[N trials done: M memoized, F failed; R running] Cost: ...; best ...``.
+
+        ``N`` counts the trials that ended, ``M`` those of them that started from
+        a cached prefix, ``F`` those that failed; the best is the best finite
+        objective so far. ``finished``: a trial Tune reports complete before it
+        marks it terminated.
+        """
+        ended = [t for t in trials if t.status in _ENDED or t is finished]
+        ok = [
+            t
+            for t in ended
+            if t.status != Trial.ERROR and not _failed(t.last_result or {}, self._metric)
+        ]
+        memoized = sum(1 for t in ok if (t.last_result or {}).get(R.MEMOIZED_STAGES))
+        running = sum(1 for t in trials if t.status == Trial.RUNNING and t is not finished)
+        failed = len(ended) - len(ok)
+        line = (
+            f"[{_count(len(ended), 'trial')} done: {memoized} memoized, {failed} failed; "
+            f"{running} running] "
+        )
+        line += _budget_line(self._searcher, self._budget, self._cost_key, self._cost_unit, ended)
+        sign = 1.0 if self._mode == "max" else -1.0
+        best = max(ok, key=lambda t: sign * float(t.last_result[self._metric]), default=None)
+        if best is not None:
+            line += (
+                f"; best {self._metric} {best.last_result[self._metric]:.6g} "
+                f"(trial {best.trial_id})"
+            )
         return line
+
+    def _print(self, line: str) -> None:
+        print(line, file=self._out or sys.stdout, flush=True)
+
+
+_ENDED = (Trial.TERMINATED, Trial.ERROR)
+
+
+def _iterations(result: Mapping[str, Any]) -> int:
+    return int(result.get("training_iteration") or 0)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _failed(result: Mapping[str, Any], metric: str) -> bool:
+    """A finished trial without a finite objective, or whose stage raised."""
+    value = result.get(metric)
+    if result.get(R.STAGE_FAILED) or isinstance(value, bool):
+        return True
+    return not isinstance(value, int | float) or not math.isfinite(value)
+
+
+def _budget_line(
+    searcher: EEIPUSearcher | None,
+    budget: float | None,
+    cost_key: str,
+    unit: str,
+    finished: Sequence[Trial],
+) -> str:
+    """``Cost: <spent> spent of <budget> (<left> left); cost-cooling eta <eta>``.
+
+    From the searcher when there is one; else the sum of the ``finished`` trials'
+    charged costs.
+    """
+    from eeipu_ray.tune.searcher import SearcherStateError
+
+    eta = None
+    if searcher is not None:
+        budget = searcher.budget
+        try:
+            spent = searcher.budget_spent
+            eta = searcher.eta
+        except SearcherStateError:  # no search space yet: nothing was spent
+            spent = 0.0
+    else:
+        spent = math.fsum(
+            float(t.last_result.get(cost_key, 0.0) or 0.0) for t in finished if t.last_result
+        )
+    if budget is None:
+        line = f"Cost: {spent:.4g} {unit} spent (no budget)"
+    else:
+        left = max(budget - spent, 0.0)
+        line = f"Cost: {spent:.4g} {unit} spent of {budget:.4g} {unit} ({left:.4g} {unit} left)"
+    if eta is not None and budget is not None:  # no budget, no cost cooling
+        line += f"; cost-cooling eta {eta:.3f}"
+    return line
 
 
 def tuned_parameter_columns(search_space: Mapping[str, Any]) -> dict[str, str]:
