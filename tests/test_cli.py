@@ -18,7 +18,10 @@ from tests.test_report import check_html_in_browser, check_png, markdown_trial_r
 def _cli(
     *args: str, cwd: Path, timeout: float = 1800, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_AIR_NEW_OUTPUT": "0", **(env or {})}
+    # Tune's output as users get it: tests/conftest.py sets the legacy one for the
+    # library's tests, and the progress display must not depend on it.
+    inherited = {k: v for k, v in os.environ.items() if k != "RAY_AIR_NEW_OUTPUT"}
+    env = {**inherited, "RAY_AUTH_MODE": "disabled", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "eeipu_ray.cli", *args],
         check=False,
@@ -113,12 +116,30 @@ def test_run_rejects_an_unknown_pipeline(tmp_path: Path) -> None:
 
 def test_run_shows_live_progress_and_writes_trials_and_decisions(sweep: dict[str, Any]) -> None:
     out, exp = sweep["proc"].stdout, sweep["exp"]
-    # Live progress: Tune's table with our columns, and the budget line.
-    assert "== Status ==" in out
-    assert re.search(r"\| +score \| +memoized \| +cost \|", out), out[-3000:]
-    assert re.search(
-        r"Cost: [0-9.e+-]+ s spent of 1000 s \([0-9.e+-]+ s left\); cost-cooling eta", out
+    # Live progress, a line per finished trial and one for the sweep (budget,
+    # cost-cooling eta, best so far), in Tune's current output mode.
+    finished = re.findall(
+        r"^trial (\w+) finished: score (-?[0-9.e+-]+), (\d) stages? memoized, cost [0-9.e+-]+ s$",
+        out,
+        flags=re.M,
     )
+    status = re.findall(
+        r"^\[(\d+) trials? done: (\d+) memoized, 0 failed; \d+ running\] Cost: [0-9.e+-]+ s "
+        r"spent of 1000 s \([0-9.e+-]+ s left\); cost-cooling eta [0-9.]+; best score "
+        r"(-?[0-9.e+-]+) \(trial (\w+)\)$",
+        out,
+        flags=re.M,
+    )
+    assert len(finished) == 9, out[-3000:]
+    assert [int(s[0]) for s in status[:9]] == list(range(1, 10))
+    assert status[-1][0] == "9"  # and once more at the end
+    # The memoized count and the best so far follow the trials as they finish.
+    assert [int(s[1]) for s in status[:9]] == [
+        sum(1 for f in finished[: i + 1] if int(f[2]) > 0) for i in range(9)
+    ]
+    best = max(finished, key=lambda f: float(f[1]))
+    assert status[-1][3] == best[0]
+    assert "== Status ==" not in out  # no legacy reporter
     trials = json.loads((exp / "trials.json").read_text())
     assert trials["metric"] == "score" and trials["stage_names"] == ["data", "features", "ridge"]
     rows = trials["trials"]

@@ -1,9 +1,10 @@
 """``eeipu-ray run``: sweep a pipeline on Ray Tune with the prefix cache.
 
-Builds the pipeline, the cache, the searcher and the Tuner from the command
-line, runs the sweep with live progress, then writes ``summary.json``,
-``trials.json``, ``decisions.json`` and the report into the experiment
-directory and prints a per-trial table.
+Builds the pipeline, the cache, the searcher, the scheduler, the trackers and
+the Tuner from the command line (or restores the Tuner of a run whose driver
+died, ``--resume``), runs the sweep with live progress, then writes
+``summary.json``, ``trials.json``, ``decisions.json`` and the report into the
+experiment directory and prints a per-trial table.
 """
 
 from __future__ import annotations
@@ -17,39 +18,62 @@ import time
 from typing import Any
 
 from eeipu_ray import result as R
-from eeipu_ray.cli._common import UsageError, parse_key_values, parse_size, write_json
+from eeipu_ray.cli._common import UsageError, parse_key_values, write_json
+from eeipu_ray.cli._integrations import logger_callbacks, make_scheduler
+from eeipu_ray.cli._resume import SETTINGS_FILE, absolute_paths, save_settings
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the sweep ``args`` describes; 0 if some trial succeeded, else 1."""
+    """Run (or, with ``--resume``, go on with) the sweep ``args`` describes; 0 if
+    some trial succeeded, else 1."""
+    absolute_paths(args)
     if args.cost == "energy":
         _check_energy(args)
     pipeline = _load_pipeline(args)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    exp_dir = _experiment_dir(args, pipeline)
+    storage, name = os.path.split(exp_dir)
+    # The trackers and the scheduler first: a missing package or a bad setting
+    # is an error before a cluster starts.
+    callbacks = logger_callbacks(args, name)
+    scheduler = make_scheduler(args)
     from eeipu_ray.cache import PrefixCache
+    from eeipu_ray.errors import CacheError
 
-    cache = PrefixCache(
-        args.cache,
-        object_store=args.object_store,
-        byte_budget=parse_size(args.cache_budget) if args.cache_budget else None,
-    )
+    try:
+        cache = PrefixCache(
+            args.cache, object_store=args.object_store, byte_budget=args.cache_budget
+        )
+    except CacheError as exc:
+        raise UsageError(f"--cache {args.cache}: {exc}") from exc
     _init_ray(args)
     search_alg = _make_searcher(args, pipeline, cache)
     # Under Ray Client the Tuner runs in the cluster with its own copy of the
-    # searcher: the reporter then sums the trials' costs instead of asking it.
+    # searcher: the progress sums the trials' costs instead of asking it.
     remote_driver = bool(args.address and args.address.startswith("ray://"))
-    storage = os.path.abspath(args.storage_path)
-    name = args.name or f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tuner = _make_tuner(args, pipeline, cache, search_alg, remote_driver, storage, name)
+    if args.resume:
+        # Tune unpickles the run's own searcher, scheduler and callbacks, and
+        # restores the searcher's checkpoint into it.
+        from ray import tune
+
+        tuner = tune.Tuner.restore(
+            exp_dir, trainable=_trainable(args, pipeline, cache), resume_errored=True
+        )
+    else:
+        os.makedirs(exp_dir, exist_ok=True)
+        save_settings(exp_dir, args)
+        tuner = _make_tuner(
+            args, pipeline, cache, search_alg, remote_driver, storage, name, scheduler, callbacks
+        )
     started = time.time()
     grid = tuner.fit()
     wall = time.time() - started
-    exp_dir = os.path.join(storage, name)
-    os.makedirs(exp_dir, exist_ok=True)
 
     rows, trial_rows = _trial_rows(args, pipeline, grid)
     summary = _summary(args, pipeline, grid, rows, wall=wall, cache=cache)
-    _write_outputs(args, pipeline, exp_dir, summary, trial_rows, search_alg, remote_driver)
+    # The searcher that ran is Tune's own copy after a restore (or in the cluster
+    # under Ray Client): read the state Tune saved instead.
+    from_checkpoint = remote_driver or bool(args.resume)
+    _write_outputs(args, pipeline, exp_dir, summary, trial_rows, search_alg, from_checkpoint)
     _print_results(args, summary, exp_dir)
     if not args.no_report:
         from eeipu_ray.report import ReportError, write_report
@@ -63,15 +87,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary["trials"] > summary["errors"] else 1
 
 
+def _experiment_dir(args: argparse.Namespace, pipeline: Any) -> str:
+    """The run's experiment directory: ``--resume``'s, or a new one under
+    ``--storage-path`` (refused where an experiment is already)."""
+    if args.resume:
+        return os.path.abspath(args.resume)
+    name = args.name or f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_dir = os.path.join(os.path.abspath(args.storage_path), name)
+    if os.path.exists(os.path.join(exp_dir, SETTINGS_FILE)) or os.path.exists(
+        os.path.join(exp_dir, "tuner.pkl")
+    ):
+        raise UsageError(
+            f"{exp_dir} holds an experiment already: give another --name, or go on with it "
+            f"with --resume {exp_dir}"
+        )
+    return exp_dir
+
+
 def _load_pipeline(args: argparse.Namespace) -> Any:
     from eeipu_ray.errors import PipelineDefinitionError
     from eeipu_ray.pipelines import load_pipeline
 
+    if args.pipeline is None:
+        raise UsageError(
+            "give a PIPELINE (a built-in name or module:object), or --resume EXPERIMENT_DIR"
+        )
     try:
         pipeline = load_pipeline(args.pipeline, **parse_key_values(args.option))
     except PipelineDefinitionError as exc:
         raise UsageError(str(exc)) from exc
-    if args.num_samples < 0 and args.budget is None:
+    if args.num_samples < 0 and args.budget is None and not args.resume:
         raise UsageError("give --budget, --num-samples, or both")
     if args.budget is not None and args.searcher == "tune-random":
         raise UsageError("--budget needs a budget-aware searcher (eeipu, ei, eips, carbo, random)")
@@ -110,6 +155,15 @@ def _make_searcher(args: argparse.Namespace, pipeline: Any, cache: Any) -> Any:
     )
 
 
+def _trainable(args: argparse.Namespace, pipeline: Any, cache: Any) -> Any:
+    from ray import tune
+
+    return tune.with_resources(
+        pipeline.as_trainable(cache=cache, metric=args.metric, cost=args.cost),
+        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+    )
+
+
 def _make_tuner(
     args: argparse.Namespace,
     pipeline: Any,
@@ -118,26 +172,22 @@ def _make_tuner(
     remote_driver: bool,
     storage: str,
     name: str,
+    scheduler: Any,
+    callbacks: list[Any],
 ) -> Any:
     from ray import tune
 
-    from eeipu_ray.tune.progress import BudgetReporter, tuned_parameter_columns
+    from eeipu_ray.tune.progress import BudgetProgress
 
-    trainable = tune.with_resources(
-        pipeline.as_trainable(cache=cache, metric=args.metric, cost=args.cost),
-        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
-    )
-    reporter = BudgetReporter(
+    progress = BudgetProgress(
         args.metric,
         args.mode,
         searcher=None if remote_driver else search_alg,
         budget=args.budget,
         cost=args.cost,
-        parameter_columns=tuned_parameter_columns(pipeline.search_space),
-        full_final_table=False,  # the full table is printed below
     )
     return tune.Tuner(
-        trainable,
+        _trainable(args, pipeline, cache),
         param_space=None if search_alg else pipeline.search_space,
         tune_config=tune.TuneConfig(
             metric=None if search_alg else args.metric,
@@ -145,6 +195,7 @@ def _make_tuner(
             num_samples=args.num_samples,
             max_concurrent_trials=None if search_alg else args.max_concurrent,
             search_alg=search_alg,
+            scheduler=scheduler,
             reuse_actors=True,  # ~0.1 s instead of ~4 s of Tune overhead per trial here
             # Tune's default names a trial directory after its whole config
             # (constants included): keep it short.
@@ -153,8 +204,10 @@ def _make_tuner(
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage,
-            verbose=1,
-            progress_reporter=reporter,
+            # BudgetProgress is the display: Tune's own would print every trial's
+            # whole result (dozens of per-stage keys) on top of it.
+            verbose=0,
+            callbacks=[progress, *callbacks],
             # A trial whose node dies (spot preemption, a crashed GPU) runs again
             # elsewhere; the searcher hears of it only once, with its last attempt.
             failure_config=tune.FailureConfig(max_failures=args.max_failures),
@@ -249,7 +302,7 @@ def _write_outputs(
     summary: dict[str, Any],
     trial_rows: list[Any],
     search_alg: Any,
-    remote_driver: bool,
+    from_checkpoint: bool,
 ) -> None:
     from eeipu_ray.report import completion_order
 
@@ -270,7 +323,7 @@ def _write_outputs(
             {
                 "format": 1,
                 "searcher": args.searcher,
-                "decisions": _decision_log(search_alg, exp_dir, remote_driver),
+                "decisions": _decision_log(search_alg, exp_dir, from_checkpoint),
             },
         )
 
@@ -285,8 +338,11 @@ def _print_results(args: argparse.Namespace, summary: dict[str, Any], exp_dir: s
         if "error" in r:
             continue
         energy = r[R.TOTAL_ENERGY_JOULES]
+        # A trial a scheduler stopped early has no final pipeline result.
+        memoized = r[R.MEMOIZED_STAGES]
         print(
-            f"{r['trial_id']:<14} {r[args.metric]:>9.4f} {r[R.MEMOIZED_STAGES]:>9d} "
+            f"{r['trial_id']:<14} {r[args.metric]:>9.4f} "
+            f"{'-' if memoized is None else memoized:>9} "
             f"{r[R.TOTAL_COST]:>9.2f} {r['compute_cost']:>10.2f} "
             f"{'-' if energy is None else f'{energy:.1f}':>10}"
         )
@@ -348,10 +404,9 @@ def _trial_dirname(trial: Any) -> str:
     return f"{trial.trainable_name}_{trial.trial_id}"
 
 
-def _decision_log(search_alg: Any, exp_dir: str, remote_driver: bool) -> list[dict[str, Any]]:
+def _decision_log(search_alg: Any, exp_dir: str, from_checkpoint: bool) -> list[dict[str, Any]]:
     """The searcher's decision log after the run, as plain dicts."""
-    if remote_driver:
-        # The searcher that ran lives in the cluster; read the state Tune saved.
+    if from_checkpoint:
         try:
             search_alg.restore_from_dir(exp_dir)
         except (RuntimeError, OSError) as exc:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from eeipu_ray.cli._common import UsageError, parse_size
+from eeipu_ray.cli._common import UsageError
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -32,9 +35,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from eeipu_ray.cache import PrefixCache
+    from eeipu_ray.errors import CacheError
 
-    cache = PrefixCache(args.url)
+    cache = open_existing_cache(args.url)
+    try:
+        _cache_action(cache, args)
+    except CacheError as exc:  # the storage failed under the command
+        print(f"eeipu-ray cache {args.action}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cache_action(cache: Any, args: argparse.Namespace) -> None:
     if args.action == "stats":
         print(json.dumps(cache.stats(), indent=2, default=str))
     elif args.action == "ls":
@@ -45,9 +57,43 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"{e.key[:16]}  {e.bytes:>12d}  {used}  {'pinned ' if e.pinned else ''}{stage}")
     elif args.action == "gc":
         removed = cache.gc(older_than=args.older_than)
-        evicted = cache.evict(parse_size(args.max_bytes)) if args.max_bytes else []
+        evicted = cache.evict(args.max_bytes) if args.max_bytes is not None else []
         print(
             f"removed {len(removed)} leftovers of interrupted writes; "
             f"evicted {len(evicted)} entries"
         )
-    return 0
+
+
+def open_existing_cache(url: str) -> Any:
+    """The prefix cache at ``url``, which must exist: inspecting a cache never
+    creates one (``PrefixCache`` makes a missing local directory).
+
+    Raises:
+        UsageError: no directory (or, for a remote URL, nothing) at ``url``, or
+            a URL the cache cannot open.
+    """
+    from eeipu_ray.cache import PrefixCache
+    from eeipu_ray.errors import CacheError
+
+    local = _local_path(url)
+    if local is not None:
+        if not os.path.exists(local):
+            raise UsageError(f"no cache at {url}: the directory does not exist")
+        if not os.path.isdir(local):
+            raise UsageError(f"no cache at {url}: not a directory")
+    try:
+        cache = PrefixCache(url)
+        if local is None and not cache.durable.fs.exists(cache.durable.root):
+            raise UsageError(f"no cache at {url}: nothing is stored there")
+    except CacheError as exc:
+        raise UsageError(f"cannot open the cache at {url}: {exc}") from exc
+    return cache
+
+
+def _local_path(url: str) -> str | None:
+    """The directory a bare path or ``file://`` URL names; ``None`` for other URLs."""
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    if "://" in url:
+        return None
+    return os.path.expanduser(url)

@@ -1,0 +1,39 @@
+"""Running ``eeipu-ray`` as users do: a subprocess, in Ray's current output mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a command-line run: this one, with the repository on
+    ``PYTHONPATH`` (``tests.cli.pipelines``) and Tune's output left at its default
+    (tests/conftest.py turns the legacy one on for the library's tests)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AIR_NEW_OUTPUT"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return {**env, **(extra or {})}
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "eeipu_ray.cli", *args]
+
+
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``eeipu-ray ARGS`` to its end; its output captured."""
+    return subprocess.run(
+        cli_command(*args),
+        check=False,
+        cwd=cwd,
+        env=cli_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
