@@ -15,9 +15,8 @@ fi
 . "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "$TORCH_SPEC"
-python -m pip install --quiet -c requirements/constraints.txt -e ".[t5]"
+python -m pip install --quiet -c requirements/constraints.txt -e ".[t5,report]"
 
-export RAY_AIR_NEW_OUTPUT=0
 export HF_HUB_OFFLINE=1   # the model is built from a config (or a local path); nothing is downloaded
 exec eeipu-ray run "${EEIPU_PIPELINE:-t5}" \
   --budget "${EEIPU_BUDGET:-150}" \

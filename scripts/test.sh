@@ -13,7 +13,7 @@ fi
 . "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "$TORCH_SPEC"
-python -m pip install --quiet -c requirements/constraints.txt -e ".[test,bench,t5,docs]"
+python -m pip install --quiet -c requirements/constraints.txt -e ".[all,test,bench,docs]"
 
 # Debian's Chromium: the report test opens the HTML report in it, headless.
 if ! command -v chromium >/dev/null 2>&1; then
@@ -35,4 +35,9 @@ if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: failing on purpose" >&2
   exit 1
 fi
-exit "$rc"
+if [ "$rc" -ne 0 ] || [ "$#" -gt 0 ]; then
+  exit "$rc"   # a failing suite, or a run of chosen tests: no lowest-versions step
+fi
+deactivate
+echo "== the fast subset on the lowest allowed versions (scripts/test_lowest.sh)"
+exec bash scripts/test_lowest.sh

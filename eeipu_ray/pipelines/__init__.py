@@ -49,6 +49,7 @@ def load_pipeline(spec: str, **options: Any) -> Any:
         except ImportError as exc:
             extra = EXTRAS.get(spec)
             missing = exc.name or getattr(exc.__cause__, "name", None)
+            missing = missing.split(".")[0] if missing else None
             hint = f": pip install 'eeipu-ray[{extra}]'" if extra else ""
             raise PipelineDefinitionError(
                 f"pipeline {spec!r} needs {missing or 'a package'!r}, which is not installed{hint}"

@@ -15,10 +15,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import transformers
 
 from eeipu_ray.cache import PrefixCache
 from eeipu_ray.cache.codecs import CodecRegistry, default_codecs
@@ -26,9 +28,6 @@ from eeipu_ray.cache.manifest import EntryMeta
 from eeipu_ray.errors import CodecError
 from tests.cache.test_codecs import joined_parts, through_cache
 from tests.cache.test_prefix_cache import Backend, _local_backend, _s3_backend
-
-datasets = pytest.importorskip("datasets")
-transformers = pytest.importorskip("transformers")
 
 LOGGER = "eeipu_ray.cache"
 
