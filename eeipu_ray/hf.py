@@ -28,8 +28,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,8 @@ def trainer_stage(
     seq2seq: bool = False,
     evaluate: bool = True,
     output: Callable[[Any, Path, dict[str, float]], Any] | None = None,
+    num_workers: int | None = None,
+    use_gpu: bool = False,
     version: str = "1",
 ) -> Stage:
     """A stage that trains with a Hugging Face ``Trainer``.
@@ -96,7 +101,16 @@ def trainer_stage(
             model directory (``save_model``: weights, config and the trainer's
             tokenizer or processor) is cached with the output when it is part
             of it.
-        version: The stage's version (bump it when ``build`` changes).
+        num_workers: Train data-parallel on this many Ray Train workers
+            (:func:`eeipu_ray.train.train_stage`: charged wall time times the
+            workers). Every worker calls ``build`` (it must be picklable: a
+            module-level function) and trains its shard through the
+            ``Trainer``'s own distributed support; rank 0's trained model comes
+            back to the trial, which saves it. ``None`` (default): the trial's
+            own process trains.
+        use_gpu: One GPU per Ray Train worker (with ``num_workers``).
+        version: The stage's version (bump it when ``build`` changes). With
+            ``num_workers``, the worker count is appended to it.
 
     Returns:
         The :class:`~eeipu_ray.pipeline.Stage`.
@@ -130,26 +144,99 @@ def trainer_stage(
     if not callable(build):
         raise PipelineDefinitionError(f"stage {name!r}: build={build!r} is not callable")
 
-    def run(inputs: Any, params: dict[str, Any], ctx: StageContext) -> Any:
-        training_args = _training_args(args_class, fields, fixed, params, ctx)
-        trainer = build(inputs, training_args, dict(params), ctx)
-        if not isinstance(trainer, Trainer):
-            raise TypeError(
-                f"stage {ctx.stage!r}: build returned {type(trainer).__name__}, "
-                "not a transformers.Trainer"
-            )
-        trainer.add_callback(TuneProgress(ctx))
-        metrics = _floats(trainer.train().metrics)
-        if evaluate and trainer.eval_dataset is not None:
-            metrics.update(_floats(trainer.evaluate()))
-        model_dir = ctx.trial_dir / f"{ctx.stage}-model"
-        trainer.save_model(str(model_dir))
+    recipe = _Recipe(build, args_class, fields, fixed, evaluate)
+
+    def finish(inputs: Any, model_dir: Path, metrics: dict[str, float], ctx: StageContext) -> Any:
         ctx.report(**metrics)
         if output is None:
             return {"model_dir": model_dir, "metrics": metrics}
         return output(inputs, model_dir, metrics)
 
-    return Stage(name, run, dict(space), version=version)
+    def run(inputs: Any, params: dict[str, Any], ctx: StageContext) -> Any:
+        trainer, metrics = recipe.train(inputs, params, ctx, TuneProgress(ctx))
+        model_dir = ctx.trial_dir / f"{ctx.stage}-model"
+        trainer.save_model(str(model_dir))
+        return finish(inputs, model_dir, metrics, ctx)
+
+    if num_workers is None:
+        return Stage(name, run, dict(space), version=version)
+
+    from eeipu_ray.train import train_stage
+
+    inner = train_stage(
+        name,
+        functools.partial(_train_on_worker, name, recipe),
+        space,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        version=version,
+    )
+
+    def run_workers(inputs: Any, params: dict[str, Any], ctx: StageContext) -> Any:
+        trained = inner.fn(inputs, params, ctx)  # rank 0's model, on the CPU
+        model_dir = ctx.trial_dir / f"{ctx.stage}-model"
+        trained["model"].save_pretrained(str(model_dir))
+        if trained["processing_class"] is not None:
+            trained["processing_class"].save_pretrained(str(model_dir))
+        return finish(inputs, model_dir, trained["metrics"], ctx)
+
+    return Stage(name, run_workers, dict(space), version=inner.version)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+    """How a trainer stage trains: picklable, so that Ray Train workers run it too."""
+
+    build: TrainerBuilder
+    args_class: type
+    fields: frozenset[str]
+    fixed: Mapping[str, Any]
+    evaluate: bool
+
+    def train(
+        self, inputs: Any, params: dict[str, Any], ctx: StageContext, progress: TrainerCallback
+    ) -> tuple[Trainer, dict[str, float]]:
+        training_args = _training_args(self.args_class, self.fields, self.fixed, params, ctx)
+        trainer = self.build(inputs, training_args, dict(params), ctx)
+        if not isinstance(trainer, Trainer):
+            raise TypeError(
+                f"stage {ctx.stage!r}: build returned {type(trainer).__name__}, "
+                "not a transformers.Trainer"
+            )
+        trainer.add_callback(progress)
+        metrics = _floats(trainer.train().metrics)
+        if self.evaluate and trainer.eval_dataset is not None:
+            metrics.update(_floats(trainer.evaluate()))
+        return trainer, metrics
+
+
+def _train_on_worker(stage: str, recipe: _Recipe, inputs: Any, params: dict[str, Any]) -> Any:
+    """One Ray Train worker of a multi-worker trainer stage: the ``Trainer`` finds the
+    process group Ray Train set up; rank 0 hands back its model, processor and metrics."""
+    import ray.train
+    import ray.train.torch
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"eeipu-{stage}-worker-"))
+    try:
+        device = ray.train.torch.get_device()
+        ctx = StageContext(stage=stage, index=0, trial_dir=scratch, device=str(device))
+        trainer, metrics = recipe.train(inputs, params, ctx, _WorkerProgress())
+        if ray.train.get_context().get_world_rank() != 0:
+            return None
+        model = trainer.accelerator.unwrap_model(trainer.model).to("cpu")
+        return {"model": model, "processing_class": trainer.processing_class, "metrics": metrics}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class _WorkerProgress(TrainerCallback):
+    """On a Ray Train worker: the trainer's logs go to ``ray.train.report`` (every
+    worker logs at the same steps, as Ray Train requires); rank 0's reach the stage."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import ray.train
+
+        ray.train.report({"step": state.global_step, "epoch": state.epoch, **_floats(logs or {})})
 
 
 class TuneProgress(TrainerCallback):
