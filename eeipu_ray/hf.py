@@ -172,15 +172,26 @@ def trainer_stage(
         version=version,
     )
 
-    def run_workers(inputs: Any, params: dict[str, Any], ctx: StageContext) -> Any:
-        trained = inner.fn(inputs, params, ctx)  # rank 0's model, on the CPU
+    return Stage(name, _OnWorkers(inner.fn, finish), dict(space), version=inner.version)
+
+
+class _OnWorkers:
+    """A multi-worker trainer stage's function: Ray Train trains, the trial saves rank 0's
+    model; says what worker group it starts (for ``eeipu_ray.train.max_concurrent_trials``)."""
+
+    def __init__(self, train: Any, finish: Callable[..., Any]) -> None:
+        self.train, self.finish = train, finish
+
+    def worker_group(self) -> dict[str, float]:
+        return self.train.worker_group()
+
+    def __call__(self, inputs: Any, params: dict[str, Any], ctx: StageContext) -> Any:
+        trained = self.train(inputs, params, ctx)  # rank 0's model, on the CPU
         model_dir = ctx.trial_dir / f"{ctx.stage}-model"
         trained["model"].save_pretrained(str(model_dir))
         if trained["processing_class"] is not None:
             trained["processing_class"].save_pretrained(str(model_dir))
-        return finish(inputs, model_dir, trained["metrics"], ctx)
-
-    return Stage(name, run_workers, dict(space), version=inner.version)
+        return self.finish(inputs, model_dir, trained["metrics"], ctx)
 
 
 @dataclasses.dataclass(frozen=True)

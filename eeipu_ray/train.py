@@ -453,7 +453,13 @@ def _paths(value: Any) -> Iterator[Path]:
 
 def _trial_needs(pipeline: Pipeline, cpus: float, gpus: float) -> dict[str, float]:
     """A trial's own resources plus the largest worker group of each kind among its stages."""
-    groups = [s.fn.worker_group() for s in pipeline.stages if isinstance(s.fn, _TrainStageFn)]
+    # Any stage function that says what worker group it starts (a train_stage's, or
+    # a wrapper of one, such as a multi-worker eeipu_ray.hf.trainer_stage).
+    groups = [
+        s.fn.worker_group()
+        for s in pipeline.stages
+        if callable(getattr(s.fn, "worker_group", None))
+    ]
     need = {"CPU": cpus, "GPU": gpus}
     for resource in {r for group in groups for r in group}:
         need[resource] = need.get(resource, 0.0) + max(g.get(resource, 0.0) for g in groups)

@@ -221,6 +221,15 @@ def _add_run_resources(run: Any) -> None:
     cluster.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs of each trial")
     cluster.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs of each trial")
     cluster.add_argument(
+        "--workers-per-trial",
+        type=int,
+        default=1,
+        help=(
+            "train data-parallel on this many Ray Train workers per trial (pipelines whose "
+            "builder takes workers=, such as t5); with --gpus-per-trial, one GPU per worker"
+        ),
+    )
+    cluster.add_argument(
         "--max-concurrent", type=int, default=0, help="most trials at once (0: as many as fit)"
     )
     cluster.add_argument(

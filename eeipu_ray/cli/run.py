@@ -46,6 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except CacheError as exc:
         raise UsageError(f"--cache {args.cache}: {exc}") from exc
     _init_ray(args)
+    _size_for_workers(args, pipeline)
     search_alg = _make_searcher(args, pipeline, cache)
     # Under Ray Client the Tuner runs in the cluster with its own copy of the
     # searcher: the progress sums the trials' costs instead of asking it.
@@ -112,8 +113,10 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
         raise UsageError(
             "give a PIPELINE (a built-in name or module:object), or --resume EXPERIMENT_DIR"
         )
+    options = parse_key_values(args.option)
+    options.update(_worker_options(args))
     try:
-        pipeline = load_pipeline(args.pipeline, **parse_key_values(args.option))
+        pipeline = load_pipeline(args.pipeline, **options)
     except PipelineDefinitionError as exc:
         raise UsageError(str(exc)) from exc
     if args.num_samples < 0 and args.budget is None and not args.resume:
@@ -121,6 +124,34 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
     if args.budget is not None and args.searcher == "tune-random":
         raise UsageError("--budget needs a budget-aware searcher (eeipu, ei, eips, carbo, random)")
     return pipeline
+
+
+def _worker_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The builder options of ``--workers-per-trial`` (none for one worker)."""
+    workers = args.workers_per_trial
+    if workers < 1:
+        raise UsageError(f"--workers-per-trial {workers}: give 1 or more")
+    if workers == 1:
+        return {}
+    if args.gpus_per_trial not in (0, workers):
+        raise UsageError(
+            f"--gpus-per-trial {args.gpus_per_trial:g} with --workers-per-trial {workers}: "
+            f"the workers take one GPU each, so give --gpus-per-trial {workers} (or 0 for CPUs)"
+        )
+    return {"workers": workers, "use_gpu": args.gpus_per_trial > 0}
+
+
+def _size_for_workers(args: argparse.Namespace, pipeline: Any) -> None:
+    """With Ray Train workers, run no more trials at once than their worker groups fit."""
+    if args.workers_per_trial == 1 or args.max_concurrent > 0:
+        return
+    from eeipu_ray.train import max_concurrent_trials
+
+    try:
+        args.max_concurrent = max_concurrent_trials(pipeline, cpus=args.cpus_per_trial, gpus=0)
+    except ValueError as exc:
+        raise UsageError(f"--workers-per-trial {args.workers_per_trial}: {exc}") from exc
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(args.max_concurrent))
 
 
 def _init_ray(args: argparse.Namespace) -> None:
@@ -158,9 +189,11 @@ def _make_searcher(args: argparse.Namespace, pipeline: Any, cache: Any) -> Any:
 def _trainable(args: argparse.Namespace, pipeline: Any, cache: Any) -> Any:
     from ray import tune
 
+    # With Ray Train workers, the workers hold the GPUs; the trial only waits.
+    gpus = 0 if args.workers_per_trial > 1 else args.gpus_per_trial
     return tune.with_resources(
         pipeline.as_trainable(cache=cache, metric=args.metric, cost=args.cost),
-        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+        {"cpu": args.cpus_per_trial, "gpu": gpus},
     )
 
 

@@ -377,6 +377,12 @@ class _Contained:
     def __init__(self, fn: Any) -> None:
         self.fn = fn
 
+    def __getattr__(self, name: str) -> Any:
+        # What a multi-worker stage says about itself (its worker group) passes through.
+        if name != "worker_group":
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
     def __call__(self, inputs: Any, params: dict[str, Any], ctx: StageContext) -> Any:
         python_state, numpy_state = random.getstate(), np.random.get_state()
         cuda = ctx.device.startswith("cuda") and torch.cuda.is_available()
@@ -389,7 +395,9 @@ class _Contained:
             np.random.set_state(numpy_state)
 
 
-def _training_stage(name: str, build: Any, space: dict[str, Any], output: Any) -> Stage:
+def _training_stage(
+    name: str, build: Any, space: dict[str, Any], output: Any, workers: int | None, use_gpu: bool
+) -> Stage:
     stage = trainer_stage(
         name,
         build,
@@ -398,6 +406,8 @@ def _training_stage(name: str, build: Any, space: dict[str, Any], output: Any) -
         seq2seq=True,
         evaluate=False,
         output=output,
+        num_workers=workers,
+        use_gpu=use_gpu,
         version=VERSION,
     )
     return Stage(stage.name, _Contained(stage.fn), stage.space, version=stage.version)
@@ -562,6 +572,8 @@ def build_pipeline(
     max_epochs: int = 8,
     distill_epochs: int = 1,
     student_init: str = "teacher",
+    workers: int | None = None,
+    use_gpu: bool = False,
 ) -> Pipeline:
     """The T5 teacher fine-tuning and distillation pipeline (after the EEIPU paper's,
     Essofi et al., arXiv 2411.03731): six stages, the first five cached, so trials
@@ -620,6 +632,12 @@ def build_pipeline(
         student_init: How segment 1 initializes a student derived from the
             teacher: ``"teacher"`` (its embeddings and every other block) or
             ``"random"`` (seeded). Ignored with ``student_path``.
+        workers: Train the teacher and the students data-parallel on this many
+            Ray Train workers per trial (:func:`eeipu_ray.hf.trainer_stage`'s
+            ``num_workers``; ``eeipu-ray run t5 --workers-per-trial N``); each
+            worker takes ``batch_size`` rows per step. ``None``: the trial's
+            own process trains.
+        use_gpu: One GPU per Ray Train worker (with ``workers``).
 
     Known limitations: every cached ``teacher`` and ``distill`` entry holds a
     copy of the teacher's directory (a segment needs the teacher, and an entry
@@ -672,7 +690,9 @@ def build_pipeline(
     }
     stages = [
         Stage("data", _Contained(_data), data_space, version=VERSION),
-        _training_stage("teacher", _build_teacher, teacher_space, _teacher_output),
+        _training_stage(
+            "teacher", _build_teacher, teacher_space, _teacher_output, workers, use_gpu
+        ),
     ]
     for segment in range(1, 4):
         space = _distill_space(segment, distill_epochs)
@@ -684,7 +704,11 @@ def build_pipeline(
                     "student_init": student_init if student_dir is None else None,
                 }
             )
-        stages.append(_training_stage(f"distill{segment}", _build_distill, space, _distill_output))
+        stages.append(
+            _training_stage(
+                f"distill{segment}", _build_distill, space, _distill_output, workers, use_gpu
+            )
+        )
     stages.append(
         Stage(
             "evaluate",
