@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -78,9 +79,9 @@ def s3_bucket(s3_client: Any) -> str:
     return f"s3://{name}"
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[Any]:
-    """A real single-node local Ray cluster with 2 CPUs, shared by a test module."""
+@contextlib.contextmanager
+def local_ray(num_cpus: int) -> Iterator[Any]:
+    """A real single-node local Ray cluster with ``num_cpus`` CPUs, shut down after."""
     import ray
 
     if ray.is_initialized():
@@ -88,7 +89,7 @@ def ray_local() -> Iterator[Any]:
     # address="local": a fresh cluster even when another one runs on this machine.
     ray.init(
         address="local",
-        num_cpus=2,
+        num_cpus=num_cpus,
         include_dashboard=False,
         namespace="eeipu_ray",
         logging_level="WARNING",
@@ -98,3 +99,10 @@ def ray_local() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    """A local Ray cluster with 2 CPUs, shared by a test module."""
+    with local_ray(2) as ray:
+        yield ray

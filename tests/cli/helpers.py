@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,3 +38,16 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def run_main(argv: list[str], capsys: Any) -> tuple[int, str, str]:
+    """``eeipu-ray ARGV`` in this process: its exit status (argparse exits; ``main``
+    returns), stdout and stderr (read from pytest's ``capsys``)."""
+    from eeipu_ray.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return status, out, err

@@ -10,17 +10,8 @@ from pathlib import Path
 import pytest
 
 from eeipu_ray.cache import PrefixCache
-from eeipu_ray.cli import main
+from tests.cli.helpers import run_main
 from tests.tune.toy_pipeline import make_pipeline
-
-
-def _exit(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        status = main(argv)
-    except SystemExit as exc:
-        status = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.mark.parametrize("action", ["ls", "stats", "gc"])
@@ -29,13 +20,13 @@ def test_a_missing_cache_is_an_error_and_is_not_created(
 ) -> None:
     missing = tmp_path / "no" / "such" / "dir"
     for url in (str(missing), f"file://{missing}"):
-        status, out, err = _exit(["cache", action, url], capsys)
+        status, out, err = run_main(["cache", action, url], capsys)
         assert status == 2, (out, err)
         assert f"eeipu-ray cache: error: no cache at {url}: the directory does not exist" in err
     assert not (tmp_path / "no").exists()
     a_file = tmp_path / "file.txt"
     a_file.write_text("not a cache")
-    status, _, err = _exit(["cache", action, str(a_file)], capsys)
+    status, _, err = run_main(["cache", action, str(a_file)], capsys)
     assert status == 2 and f"no cache at {a_file}: not a directory" in err
 
 
@@ -63,21 +54,22 @@ def test_gc_max_bytes_means_decimal_or_binary_as_written(
     assert 125 * m < newest3 <= 128 * m
     kib, kb = f"{m / 8}KiB", f"{m / 8}KB"
 
-    status, out, _ = _exit(["cache", "gc", str(tmp_path / "cache"), "--max-bytes", kib], capsys)
+    status, out, _ = run_main(["cache", "gc", str(tmp_path / "cache"), "--max-bytes", kib], capsys)
     assert status == 0
-    after_kib = json.loads(_exit(["cache", "stats", str(tmp_path / "cache")], capsys)[1])
+    after_kib = json.loads(run_main(["cache", "stats", str(tmp_path / "cache")], capsys)[1])
     # Least recently used first, down to 128m bytes: the three newest stay.
     assert after_kib["bytes"] <= 128 * m and after_kib["entries"] >= 3
     assert f"evicted {6 - after_kib['entries']} entries" in out
 
-    status, out, _ = _exit(["cache", "gc", str(tmp_path / "cache"), "--max-bytes", kb], capsys)
+    status, out, _ = run_main(["cache", "gc", str(tmp_path / "cache"), "--max-bytes", kb], capsys)
     assert status == 0
-    after_kb = json.loads(_exit(["cache", "stats", str(tmp_path / "cache")], capsys)[1])
+    after_kb = json.loads(run_main(["cache", "stats", str(tmp_path / "cache")], capsys)[1])
     # 125m bytes is less: at least one more goes.
     assert after_kb["bytes"] <= 125 * m and after_kb["entries"] < 3
     assert f"evicted {after_kib['entries'] - after_kb['entries']} entries" in out
 
     # A plain number is bytes.
-    status, _, _ = _exit(["cache", "gc", str(tmp_path / "cache"), "--max-bytes", "0"], capsys)
+    status, _, _ = run_main(["cache", "gc", str(tmp_path / "cache"), "--max-bytes", "0"], capsys)
     assert status == 0
-    assert json.loads(_exit(["cache", "stats", str(tmp_path / "cache")], capsys)[1])["bytes"] == 0
+    _, out, _ = run_main(["cache", "stats", str(tmp_path / "cache")], capsys)
+    assert json.loads(out)["bytes"] == 0

@@ -11,22 +11,11 @@ from pathlib import Path
 import pytest
 from ray.tune.schedulers import ASHAScheduler
 
-from eeipu_ray.cli import main
 from eeipu_ray.cli._common import UsageError, parse_size
 from eeipu_ray.cli._integrations import make_scheduler
 from eeipu_ray.cli.parser import build_parser
 from eeipu_ray.tune.sm2 import SM2Scheduler
-from tests.cli.helpers import run_cli
-
-
-def _exit(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``main(argv)``'s exit status (argparse exits; ``main`` returns), stdout, stderr."""
-    try:
-        status = main(argv)
-    except SystemExit as exc:
-        status = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return status, out, err
+from tests.cli.helpers import run_cli, run_main
 
 
 def test_version_is_the_installed_package_version(tmp_path: Path) -> None:
@@ -44,7 +33,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 @pytest.mark.parametrize("command", ["run", "report", "cache"])
 def test_help_shows_every_default(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = _exit([command, "--help"], capsys)
+    status, out, _ = run_main([command, "--help"], capsys)
     assert status == 0
     text = " ".join(out.split())  # argparse wraps lines
     sub = _subparsers(build_parser())[command]
@@ -98,11 +87,12 @@ def test_bad_sizes_name_the_value(text: str) -> None:
 def test_size_options_refuse_bad_units_naming_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status, _, err = _exit(["cache", "gc", str(tmp_path), "--max-bytes", "20G"], capsys)
+    status, _, err = run_main(["cache", "gc", str(tmp_path), "--max-bytes", "20G"], capsys)
     assert status == 2 and "--max-bytes" in err and "'20G'" in err and "GiB" in err
-    status, _, err = _exit(["run", "synthetic", "--budget", "5", "--cache-budget", "1XB"], capsys)
+    argv = ["run", "synthetic", "--budget", "5", "--cache-budget", "1XB"]
+    status, _, err = run_main(argv, capsys)
     assert status == 2 and "--cache-budget" in err and "'1XB'" in err
-    status, _, err = _exit(["run", "synthetic", "--budget", "5", "--cache-budget", "0"], capsys)
+    status, _, err = run_main(["run", "synthetic", "--budget", "5", "--cache-budget", "0"], capsys)
     assert status == 2 and "'0'" in err and "at least 1 byte" in err
 
 
@@ -134,7 +124,7 @@ def test_scheduler_names_map_to_tune_schedulers() -> None:
 def test_unknown_scheduler_is_refused_naming_the_choices(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    status, _, err = _exit(["run", "synthetic", "--budget", "5", "--scheduler", "pbt"], capsys)
+    status, _, err = run_main(["run", "synthetic", "--budget", "5", "--scheduler", "pbt"], capsys)
     assert status == 2
     assert "--scheduler" in err and "'pbt'" in err
     assert all(name in err for name in ("fifo", "asha", "sm2"))
@@ -153,7 +143,7 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_run_without_a_pipeline_or_resume_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    status, _, err = _exit(["run", "--budget", "5"], capsys)
+    status, _, err = run_main(["run", "--budget", "5"], capsys)
     assert status == 2 and "PIPELINE" in err and "--resume" in err
 
 
@@ -164,7 +154,7 @@ def test_run_refuses_a_directory_that_holds_an_experiment(
     exp_dir.mkdir(parents=True)
     (exp_dir / "run_settings.json").write_text("{}")
     argv = ["run", "synthetic", "--budget", "5", "--storage-path", str(tmp_path / "results")]
-    status, _, err = _exit([*argv, "--name", "taken"], capsys)
+    status, _, err = run_main([*argv, "--name", "taken"], capsys)
     assert status == 2 and "holds an experiment already" in err
     assert f"--resume {exp_dir}" in err and "another --name" in err
 
@@ -173,9 +163,9 @@ def test_resume_of_what_is_not_an_experiment_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = tmp_path / "missing"
-    status, _, err = _exit(["run", "--resume", str(missing)], capsys)
+    status, _, err = run_main(["run", "--resume", str(missing)], capsys)
     assert status == 2 and str(missing) in err and "no such experiment directory" in err
     assert not missing.exists()
     (tmp_path / "empty").mkdir()
-    status, _, err = _exit(["run", "--resume", str(tmp_path / "empty")], capsys)
+    status, _, err = run_main(["run", "--resume", str(tmp_path / "empty")], capsys)
     assert status == 2 and "not a Ray Tune experiment directory" in err

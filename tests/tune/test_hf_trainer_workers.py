@@ -12,27 +12,15 @@ from transformers import T5ForConditionalGeneration
 
 from eeipu_ray import Pipeline, PrefixCache, Stage
 from eeipu_ray.hf import trainer_stage
+from tests.conftest import local_ray
 from tests.pipeline.test_hf_trainer_stage import _build, _data, _evaluate
 
 
 @pytest.fixture(scope="module")
 def ray_3cpu() -> Iterator[Any]:
     """The trial's own CPU and a worker group of 2."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        address="local",
-        num_cpus=3,
-        include_dashboard=False,
-        namespace="eeipu_ray",
-        logging_level="WARNING",
-    )
-    try:
+    with local_ray(3) as ray:
         yield ray
-    finally:
-        ray.shutdown()
 
 
 def test_a_trainer_stage_on_two_workers_is_trained_once_and_cached(

@@ -28,6 +28,7 @@ from eeipu_ray import Pipeline, PipelineDefinitionError, PipelineRun, Stage
 from eeipu_ray import result as R
 from eeipu_ray.cache import PrefixCache
 from eeipu_ray.train import max_concurrent_trials, train_stage
+from tests.conftest import local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -127,21 +128,8 @@ def calls(calls_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def ray_4cpu() -> Iterator[Any]:
     """A local Ray with 4 CPUs: a trial's own CPU plus a worker group of 2, with room."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        namespace="eeipu_ray",
-        logging_level="WARNING",
-    )
-    try:
+    with local_ray(4) as ray:
         yield ray
-    finally:
-        ray.shutdown()
 
 
 @dataclass
