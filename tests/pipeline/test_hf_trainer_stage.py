@@ -75,17 +75,21 @@ def _evaluate(trained, hp, ctx):
     return {"score": -float(loss) * hp["scale"]}
 
 
-def _pipeline() -> Pipeline:
+def _pipeline(
+    name: str = "hf-t5", batch_size: int = 4, num_workers: int | None = None
+) -> Pipeline:
+    """data -> a Seq2SeqTrainer fine-tuning a tiny T5 -> an evaluation of its loss."""
     return Pipeline(
-        "hf-t5",
+        name,
         [
             Stage("data", _data, {"source_len": 32}),
             trainer_stage(
                 "finetune",
                 _build,
                 {"learning_rate": 1e-3, "max_steps": 3, "dropout": 0.0, "seed": 0},
-                args={"per_device_train_batch_size": 4, "logging_steps": 1},
+                args={"per_device_train_batch_size": batch_size, "logging_steps": 1},
                 seq2seq=True,
+                num_workers=num_workers,
             ),
             Stage("evaluate", _evaluate, {"scale": 1.0}),
         ],

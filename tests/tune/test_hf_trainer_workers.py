@@ -10,10 +10,9 @@ import pytest
 import torch
 from transformers import T5ForConditionalGeneration
 
-from eeipu_ray import Pipeline, PrefixCache, Stage
-from eeipu_ray.hf import trainer_stage
+from eeipu_ray import PrefixCache
 from tests.conftest import local_ray
-from tests.pipeline.test_hf_trainer_stage import _build, _data, _evaluate
+from tests.pipeline.test_hf_trainer_stage import _pipeline
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +25,7 @@ def ray_3cpu() -> Iterator[Any]:
 def test_a_trainer_stage_on_two_workers_is_trained_once_and_cached(
     ray_3cpu: Any, tmp_path: Path
 ) -> None:
-    pipeline = Pipeline(
-        "hf-t5-workers",
-        [
-            Stage("data", _data, {"source_len": 32}),
-            trainer_stage(
-                "finetune",
-                _build,
-                {"learning_rate": 1e-3, "max_steps": 3, "dropout": 0.0, "seed": 0},
-                args={"per_device_train_batch_size": 2, "logging_steps": 1},
-                seq2seq=True,
-                num_workers=2,
-            ),
-            Stage("evaluate", _evaluate, {"scale": 1.0}),
-        ],
-    )
+    pipeline = _pipeline("hf-t5-workers", batch_size=2, num_workers=2)
     assert pipeline.stages[1].version == "1+2workers"
     cache = PrefixCache(str(tmp_path / "cache"))
     config = {
