@@ -11,6 +11,12 @@ and a later trial that shares the prefix starts from it. The trainer's logs
 reach Ray Tune as intermediate results, and the stage's own evaluation
 metrics are part of its output.
 
+With ``num_workers``, the stage trains data-parallel on Ray Train workers
+(:func:`eeipu_ray.train.train_stage`, charged wall time times the workers):
+every worker calls the builder (it must be picklable: a module-level function)
+and trains its shard through the ``Trainer``'s own distributed support; rank
+0's trained model comes back to the trial, which saves it.
+
 Example::
 
     from transformers import T5ForConditionalGeneration, Seq2SeqTrainer
@@ -96,18 +102,11 @@ def trainer_stage(
         seq2seq: Build ``Seq2SeqTrainingArguments``.
         evaluate: After training, run ``trainer.evaluate()`` when the trainer
             has an evaluation dataset, and keep its metrics.
-        output: ``output(inputs, model_dir, metrics)`` makes the stage's output;
-            by default ``{"model_dir": model_dir, "metrics": metrics}``. The
-            model directory (``save_model``: weights, config and the trainer's
-            tokenizer or processor) is cached with the output when it is part
-            of it.
-        num_workers: Train data-parallel on this many Ray Train workers
-            (:func:`eeipu_ray.train.train_stage`: charged wall time times the
-            workers). Every worker calls ``build`` (it must be picklable: a
-            module-level function) and trains its shard through the
-            ``Trainer``'s own distributed support; rank 0's trained model comes
-            back to the trial, which saves it. ``None`` (default): the trial's
-            own process trains.
+        output: ``output(inputs, model_dir, metrics)`` makes the stage's output
+            (default ``{"model_dir": model_dir, "metrics": metrics}``); the
+            ``save_model`` directory is cached with it when it is part of it.
+        num_workers: Train data-parallel on this many Ray Train workers (see
+            the module's description). ``None`` (default): the trial trains.
         use_gpu: One GPU per Ray Train worker (with ``num_workers``).
         version: The stage's version (bump it when ``build`` changes). With
             ``num_workers``, the worker count is appended to it.
@@ -122,27 +121,7 @@ def trainer_stage(
     args_class = Seq2SeqTrainingArguments if seq2seq else TrainingArguments
     fixed = dict(args or {})
     fields = _argument_fields(args_class)
-    for key in fixed:
-        if key in OWNED_ARGS:
-            raise PipelineDefinitionError(
-                f"stage {name!r}: args[{key!r}] is set by the stage (the trainer writes "
-                "into the trial's scratch directory; the saved model is the output)"
-            )
-        if key not in fields:
-            raise PipelineDefinitionError(
-                f"stage {name!r}: args[{key!r}] is not a field of {args_class.__name__}"
-            )
-        if key in space:
-            raise PipelineDefinitionError(
-                f"stage {name!r}: {key!r} is both a fixed argument and in the search space"
-            )
-    owned = [key for key in space if key in OWNED_ARGS]
-    if owned:
-        raise PipelineDefinitionError(
-            f"stage {name!r}: space[{owned[0]!r}] is set by the stage, not searched"
-        )
-    if not callable(build):
-        raise PipelineDefinitionError(f"stage {name!r}: build={build!r} is not callable")
+    _check_definition(name, build, space, fixed, args_class, fields)
 
     recipe = _Recipe(build, args_class, fields, fixed, evaluate)
 
@@ -173,6 +152,38 @@ def trainer_stage(
     )
 
     return Stage(name, _OnWorkers(inner.fn, finish), dict(space), version=inner.version)
+
+
+def _check_definition(
+    name: str,
+    build: Any,
+    space: Mapping[str, Any],
+    fixed: Mapping[str, Any],
+    args_class: type,
+    fields: frozenset[str],
+) -> None:
+    """Refuse a trainer stage's fixed arguments, space or builder, naming the culprit."""
+    for key in fixed:
+        if key in OWNED_ARGS:
+            raise PipelineDefinitionError(
+                f"stage {name!r}: args[{key!r}] is set by the stage (the trainer writes "
+                "into the trial's scratch directory; the saved model is the output)"
+            )
+        if key not in fields:
+            raise PipelineDefinitionError(
+                f"stage {name!r}: args[{key!r}] is not a field of {args_class.__name__}"
+            )
+        if key in space:
+            raise PipelineDefinitionError(
+                f"stage {name!r}: {key!r} is both a fixed argument and in the search space"
+            )
+    owned = [key for key in space if key in OWNED_ARGS]
+    if owned:
+        raise PipelineDefinitionError(
+            f"stage {name!r}: space[{owned[0]!r}] is set by the stage, not searched"
+        )
+    if not callable(build):
+        raise PipelineDefinitionError(f"stage {name!r}: build={build!r} is not callable")
 
 
 class _OnWorkers:

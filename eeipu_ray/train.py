@@ -3,6 +3,48 @@
 :func:`train_stage` makes a stage that trains on several Ray Train workers
 (a ``TorchTrainer``) inside its trial; :func:`max_concurrent_trials` says how
 many trials of such a pipeline a Ray cluster runs at once.
+
+Such a stage runs a ``ray.train.torch.TorchTrainer`` inside its trial, with
+``train_loop_config={"inputs": ..., "params": ...}``: the previous stage's
+output (put in the object store once, each worker fetches it) and this
+stage's hyperparameters. Every worker calls ``train_loop(inputs, params)``
+with the torch process group set up (Gloo or NCCL), so the loop uses
+``ray.train.get_context()``, ``ray.train.torch.prepare_model`` (DDP) and
+``torch.distributed`` as in any Ray Train loop.
+
+What the loop hands back:
+
+* **Output**: what rank 0 returns becomes the stage's output (what the
+  other ranks return is dropped). It must be something the prefix cache
+  stores: a dict of tensors (a ``state_dict``; tensors come back on the
+  CPU), JSON values, a ``pathlib.Path``. A path must be readable from the
+  trial's node (the same node, or storage every node mounts); else the
+  stage fails naming it. When rank 0 returns ``None``, the output is the
+  directory of the last checkpoint the loop reported
+  (``ray.train.report(metrics, checkpoint=...)``), copied into the
+  trial's scratch directory; ``None`` if it reported none.
+* **Progress**: the metrics rank 0 passes to ``ray.train.report`` reach
+  the stage's :meth:`~eeipu_ray.pipeline.StageContext.report` (under Tune,
+  an intermediate result when they carry the trial's metric). As Ray
+  Train requires, every worker calls ``ray.train.report`` the same number
+  of times.
+
+Cost: the stage is charged its wall time times ``num_workers``
+(worker-seconds, declared with ``ctx.charge``), from the start of the
+worker group to the output back in the trial, set-up included. The budget
+counts device time: a stage holding two GPUs for ten minutes uses twenty
+GPU-minutes, as a user paying for two GPUs per trial counts them, and a
+single-process stage on one device is charged its wall time, so both
+weigh alike in the cost models and the budget. The trial's own process
+only waits meanwhile and is not added. A loaded output costs its load
+time, as for any stage; a failing run is charged its wall time (once).
+The energy meter of the trial does not see the workers' GPUs.
+
+Placement: Ray Train reserves the workers in a placement group of its own
+while the stage runs (never while a cached output is loaded); the trial
+itself needs only its own resources. Under Tune, cap the trials running at
+once so that their worker groups fit the cluster:
+``tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(pipeline))``.
 """
 
 from __future__ import annotations
@@ -66,47 +108,9 @@ def train_stage(
 ) -> Stage:
     """A stage that trains data-parallel on ``num_workers`` Ray Train workers.
 
-    The stage runs a ``ray.train.torch.TorchTrainer`` inside its trial, with
-    ``train_loop_config={"inputs": ..., "params": ...}``: the previous stage's
-    output (put in the object store once, each worker fetches it) and this
-    stage's hyperparameters. Every worker calls ``train_loop(inputs, params)``
-    with the torch process group set up (Gloo or NCCL), so the loop uses
-    ``ray.train.get_context()``, ``ray.train.torch.prepare_model`` (DDP) and
-    ``torch.distributed`` as in any Ray Train loop.
-
-    What the loop hands back:
-
-    * **Output**: what rank 0 returns becomes the stage's output (what the
-      other ranks return is dropped). It must be something the prefix cache
-      stores: a dict of tensors (a ``state_dict``; tensors come back on the
-      CPU), JSON values, a ``pathlib.Path``. A path must be readable from the
-      trial's node (the same node, or storage every node mounts); else the
-      stage fails naming it. When rank 0 returns ``None``, the output is the
-      directory of the last checkpoint the loop reported
-      (``ray.train.report(metrics, checkpoint=...)``), copied into the
-      trial's scratch directory; ``None`` if it reported none.
-    * **Progress**: the metrics rank 0 passes to ``ray.train.report`` reach
-      the stage's :meth:`~eeipu_ray.pipeline.StageContext.report` (under Tune,
-      an intermediate result when they carry the trial's metric). As Ray
-      Train requires, every worker calls ``ray.train.report`` the same number
-      of times.
-
-    Cost: the stage is charged its wall time times ``num_workers``
-    (worker-seconds, declared with ``ctx.charge``), from the start of the
-    worker group to the output back in the trial, set-up included. The budget
-    counts device time: a stage holding two GPUs for ten minutes uses twenty
-    GPU-minutes, as a user paying for two GPUs per trial counts them, and a
-    single-process stage on one device is charged its wall time, so both
-    weigh alike in the cost models and the budget. The trial's own process
-    only waits meanwhile and is not added. A loaded output costs its load
-    time, as for any stage; a failing run is charged its wall time (once).
-    The energy meter of the trial does not see the workers' GPUs.
-
-    Placement: Ray Train reserves the workers in a placement group of its own
-    while the stage runs (never while a cached output is loaded); the trial
-    itself needs only its own resources. Under Tune, cap the trials running at
-    once so that their worker groups fit the cluster:
-    ``tune.TuneConfig(max_concurrent_trials=max_concurrent_trials(pipeline))``.
+    The stage runs a ``TorchTrainer`` inside its trial; what the loop gets and
+    hands back, how the stage is charged and where its workers run: see the
+    module's description (:mod:`eeipu_ray.train`).
 
     Args:
         name: The stage's name.

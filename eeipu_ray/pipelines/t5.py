@@ -1,6 +1,48 @@
 """T5 fine-tuning and distillation as a cached pipeline: ``data`` -> ``teacher`` ->
 ``distill1`` -> ``distill2`` -> ``distill3`` -> ``evaluate`` (ROUGE), on ``datasets``
-and the Hugging Face ``Seq2SeqTrainer``; see :func:`build_pipeline`.
+and the Hugging Face ``Seq2SeqTrainer``, made by :func:`build_pipeline`.
+
+The stages (after the EEIPU paper's, Essofi et al., arXiv 2411.03731; the first
+five are cached, so trials that agree on the data, the teacher and the first
+segments share a long prefix):
+
+1. ``data`` (``source_len``, ``target_len``, ``batch_size``): load the
+   ``source``/``target`` pairs with ``datasets``, hold out ``n_val`` of them
+   (a seeded permutation), keep up to ``n_train`` of the rest, tokenize
+   (truncated to ``source_len`` and ``target_len`` tokens). Output: the
+   ``train`` and ``validation`` ``datasets.Dataset`` (the latter with the
+   full ``target`` text) and the run's settings.
+2. ``teacher`` (``learning_rate``, ``weight_decay``, ``num_train_epochs``,
+   ``seed``: ``Seq2SeqTrainingArguments``): fine-tune a
+   ``T5ForConditionalGeneration`` with a ``Seq2SeqTrainer``
+   (:func:`eeipu_ray.hf.trainer_stage`): AdamW at a constant learning rate,
+   gradients clipped to :data:`MAX_GRAD_NORM`, the data stage's
+   ``batch_size``; bf16 (else fp16) on CUDA, float32 on the CPU. Output:
+   ``teacher_dir``, the trained model's ``save_pretrained`` directory.
+3. ``distill1``-``distill3`` (``learning_rate``, ``weight_decay``,
+   ``temperature``; ``num_train_epochs`` = ``distill_epochs``, ``alpha`` =
+   :data:`ALPHA`): train a student with half the teacher's layers on the
+   loss of :class:`DistillationTrainer`. Segment 1 creates it (see
+   ``student_path`` and ``student_init``), segments 2 and 3 continue from
+   the previous ``student_dir`` with a fresh optimizer. Output: the
+   teacher's and the student's directories.
+4. ``evaluate`` (``num_beams``): generate a summary of every validation
+   source (at most ``target_len`` tokens) and score it against the full
+   reference: ``score`` is the mean ROUGE-L F1, ``rouge1`` the mean ROUGE-1 F1.
+
+Every training stage reports the trainer's logs once per epoch. On the CPU,
+with the same number of threads, a config always gives the same score; the
+stages leave the global random state as they found it.
+
+Known limitations: every cached ``teacher`` and ``distill`` entry holds a
+copy of the teacher's directory (a segment needs the teacher, and an entry
+must be self-contained): give a large teacher's cache a byte budget
+(``--cache-budget``). Local paths are read by whichever worker runs the
+stage: on a cluster they must exist on every node. A model or tokenizer
+directory enters the prefix key only through its ``config.json`` and its
+files' names and sizes: write new weights to a new directory. A data file enters
+it through a hash of its bytes, a saved dataset directory through its files'
+names and sizes and its metadata (the datasets' fingerprints).
 """
 
 from __future__ import annotations
@@ -575,54 +617,22 @@ def build_pipeline(
     workers: int | None = None,
     use_gpu: bool = False,
 ) -> Pipeline:
-    """The T5 teacher fine-tuning and distillation pipeline (after the EEIPU paper's,
-    Essofi et al., arXiv 2411.03731): six stages, the first five cached, so trials
-    that agree on the data, the teacher and the first segments share a long prefix.
-
-    1. ``data`` (``source_len``, ``target_len``, ``batch_size``): load the
-       ``source``/``target`` pairs with ``datasets``, hold out ``n_val`` of them
-       (a seeded permutation), keep up to ``n_train`` of the rest, tokenize
-       (truncated to ``source_len`` and ``target_len`` tokens). Output: the
-       ``train`` and ``validation`` ``datasets.Dataset`` (the latter with the
-       full ``target`` text) and the run's settings.
-    2. ``teacher`` (``learning_rate``, ``weight_decay``, ``num_train_epochs``,
-       ``seed``: ``Seq2SeqTrainingArguments``): fine-tune a
-       ``T5ForConditionalGeneration`` with a ``Seq2SeqTrainer``
-       (:func:`eeipu_ray.hf.trainer_stage`): AdamW at a constant learning rate,
-       gradients clipped to :data:`MAX_GRAD_NORM`, the data stage's
-       ``batch_size``; bf16 (else fp16) on CUDA, float32 on the CPU. Output:
-       ``teacher_dir``, the trained model's ``save_pretrained`` directory.
-    3. ``distill1``-``distill3`` (``learning_rate``, ``weight_decay``,
-       ``temperature``; ``num_train_epochs`` = ``distill_epochs``, ``alpha`` =
-       :data:`ALPHA`): train a student with half the teacher's layers on the
-       loss of :class:`DistillationTrainer`. Segment 1 creates it (see
-       ``student_path`` and ``student_init``), segments 2 and 3 continue from
-       the previous ``student_dir`` with a fresh optimizer. Output: the
-       teacher's and the student's directories.
-    4. ``evaluate`` (``num_beams``): generate a summary of every validation
-       source (at most ``target_len`` tokens) and score it against the full
-       reference: ``score`` is the mean ROUGE-L F1, ``rouge1`` the mean ROUGE-1 F1.
-
-    Every training stage reports the trainer's logs once per epoch. On the CPU,
-    with the same number of threads, a config always gives the same score; the
-    stages leave the global random state as they found it.
+    """The T5 teacher fine-tuning and distillation pipeline: six stages, the first
+    five cached (their hyperparameters and outputs: :mod:`eeipu_ray.pipelines.t5`).
 
     Args:
         data_path: A ``.jsonl``, ``.csv`` or ``.parquet`` file or a
             ``save_to_disk`` directory with ``source`` and ``target`` columns
             (a ``DatasetDict``'s ``train`` split), or a Hugging Face Hub dataset
             id (needs the network: refused under ``HF_HUB_OFFLINE``); ``None``
-            uses the shipped toy set (600 pairs). A file enters the prefix key
-            through a hash of its bytes, a directory through its files' names
-            and sizes and its metadata (the datasets' fingerprints).
+            uses the shipped toy set (600 pairs).
         tokenizer_path: A ``save_pretrained`` tokenizer directory. ``None``: the
             teacher's directory when it holds a tokenizer, else a byte-level
             ``ByT5Tokenizer`` (no files needed).
         teacher_path: A ``save_pretrained`` T5 model directory to fine-tune;
             ``None`` builds a fresh teacher of shape ``size``.
-        student_path: A ``save_pretrained`` T5 model directory to start the
-            student from; ``None`` derives it from the teacher (half the layers).
-            Its vocabulary must be the teacher's.
+        student_path: A ``save_pretrained`` T5 model directory (the teacher's
+            vocabulary) to start the student from; ``None``: half the teacher's.
         size: Shape of a fresh teacher, a key of :data:`SIZES`.
         n_train: Training pairs used (``None``: every pair not held out).
         n_val: Validation pairs held out (scored by ROUGE).
@@ -632,27 +642,16 @@ def build_pipeline(
         student_init: How segment 1 initializes a student derived from the
             teacher: ``"teacher"`` (its embeddings and every other block) or
             ``"random"`` (seeded). Ignored with ``student_path``.
-        workers: Train the teacher and the students data-parallel on this many
-            Ray Train workers per trial (:func:`eeipu_ray.hf.trainer_stage`'s
-            ``num_workers``; ``eeipu-ray run t5 --workers-per-trial N``); each
-            worker takes ``batch_size`` rows per step. ``None``: the trial's
-            own process trains.
+        workers: Ray Train workers per trial that train the teacher and the
+            students data-parallel (``batch_size`` rows each per step; see
+            :func:`eeipu_ray.hf.trainer_stage`). ``None``: the trial trains.
         use_gpu: One GPU per Ray Train worker (with ``workers``).
-
-    Known limitations: every cached ``teacher`` and ``distill`` entry holds a
-    copy of the teacher's directory (a segment needs the teacher, and an entry
-    must be self-contained): give a large teacher's cache a byte budget
-    (``--cache-budget``). Local paths are read by whichever worker runs the
-    stage: on a cluster they must exist on every node. A model or tokenizer
-    directory enters the prefix key only through its ``config.json`` and its
-    files' names and sizes: write new weights to a new directory.
 
     Raises:
         FileNotFoundError: a path that does not exist (named).
-        PipelineDefinitionError: data without ``source``/``target`` (source and
-            column named), a hub id offline, a model directory without a T5
-            config, a tokenizer with more tokens than the teacher has embeddings,
-            or a bad number.
+        PipelineDefinitionError: data without ``source``/``target``, a hub id
+            offline, a model directory without a T5 config, a tokenizer larger
+            than the teacher's vocabulary, or a bad number (each named).
 
     Example:
         >>> pipeline = build_pipeline(data_path="pairs.csv", n_train=1000)  # doctest: +SKIP
@@ -667,56 +666,20 @@ def build_pipeline(
     teacher_dir, student_dir, tokenizer_dir = _model_dirs(
         teacher_path, student_path, tokenizer_path
     )
-    data_space = {
-        "source_len": tune.choice([32, 48, 64]),
-        "target_len": tune.choice([24, 32, 40]),
-        "batch_size": tune.choice([8, 16, 32]),
-        "data_path": source.location if data_path is not None else None,
-        "data_fingerprint": fingerprint(source, pairs),
-        "tokenizer_path": tokenizer_dir,
-        "tokenizer_fingerprint": _dir_fingerprint(tokenizer_dir),
-        "n_train": n_train,
-        "n_val": n_val,
-        "seed": 0,
-    }
-    teacher_space = {
-        "learning_rate": tune.loguniform(5e-4, 1e-2),
-        "weight_decay": tune.loguniform(1e-4, 1e-1),
-        "num_train_epochs": tune.randint(max(1, max_epochs // 4), max_epochs + 1),
-        "model_path": teacher_dir,
-        "model_fingerprint": _dir_fingerprint(teacher_dir),
-        "size": size if teacher_dir is None else None,
-        "seed": 0,
-    }
+    data_space = _data_space(source, pairs, data_path, tokenizer_dir, n_train, n_val)
+    teacher_space = _teacher_space(teacher_dir, size, max_epochs)
+    trained = {"workers": workers, "use_gpu": use_gpu}
     stages = [
         Stage("data", _Contained(_data), data_space, version=VERSION),
-        _training_stage(
-            "teacher", _build_teacher, teacher_space, _teacher_output, workers, use_gpu
-        ),
+        _training_stage("teacher", _build_teacher, teacher_space, _teacher_output, **trained),
     ]
     for segment in range(1, 4):
-        space = _distill_space(segment, distill_epochs)
-        if segment == 1:
-            space.update(
-                {
-                    "model_path": student_dir,
-                    "model_fingerprint": _dir_fingerprint(student_dir),
-                    "student_init": student_init if student_dir is None else None,
-                }
-            )
+        space = _distill_space(segment, distill_epochs, student_dir, student_init)
         stages.append(
-            _training_stage(
-                f"distill{segment}", _build_distill, space, _distill_output, workers, use_gpu
-            )
+            _training_stage(f"distill{segment}", _build_distill, space, _distill_output, **trained)
         )
-    stages.append(
-        Stage(
-            "evaluate",
-            _Contained(_evaluate),
-            {"num_beams": tune.choice([1, 2, 4])},
-            version=VERSION,
-        )
-    )
+    beams = {"num_beams": tune.choice([1, 2, 4])}
+    stages.append(Stage("evaluate", _Contained(_evaluate), beams, version=VERSION))
     return Pipeline("t5", stages)
 
 
@@ -783,11 +746,55 @@ def _model_dirs(
     return teacher_dir, student_dir, tokenizer_dir
 
 
-def _distill_space(segment: int, distill_epochs: int) -> dict[str, Any]:
-    """The search space of distillation segment ``segment`` (1, 2 or 3)."""
+def _data_space(
+    source: DataSource,
+    pairs: Any,
+    data_path: str | Path | None,
+    tokenizer_dir: str | None,
+    n_train: int | None,
+    n_val: int,
+) -> dict[str, Any]:
+    """The ``data`` stage's search space: the sequence lengths and batch size, and
+    the data and tokenizer as constants (so they enter every prefix key)."""
     from ray import tune
 
     return {
+        "source_len": tune.choice([32, 48, 64]),
+        "target_len": tune.choice([24, 32, 40]),
+        "batch_size": tune.choice([8, 16, 32]),
+        "data_path": source.location if data_path is not None else None,
+        "data_fingerprint": fingerprint(source, pairs),
+        "tokenizer_path": tokenizer_dir,
+        "tokenizer_fingerprint": _dir_fingerprint(tokenizer_dir),
+        "n_train": n_train,
+        "n_val": n_val,
+        "seed": 0,
+    }
+
+
+def _teacher_space(teacher_dir: str | None, size: str, max_epochs: int) -> dict[str, Any]:
+    """The ``teacher`` stage's search space (``Seq2SeqTrainingArguments`` names)."""
+    from ray import tune
+
+    return {
+        "learning_rate": tune.loguniform(5e-4, 1e-2),
+        "weight_decay": tune.loguniform(1e-4, 1e-1),
+        "num_train_epochs": tune.randint(max(1, max_epochs // 4), max_epochs + 1),
+        "model_path": teacher_dir,
+        "model_fingerprint": _dir_fingerprint(teacher_dir),
+        "size": size if teacher_dir is None else None,
+        "seed": 0,
+    }
+
+
+def _distill_space(
+    segment: int, distill_epochs: int, student_dir: str | None, student_init: str
+) -> dict[str, Any]:
+    """The search space of distillation segment ``segment`` (1, 2 or 3); segment 1's
+    also says where the student starts."""
+    from ray import tune
+
+    space = {
         "learning_rate": tune.loguniform(5e-4, 1e-2),
         "temperature": tune.uniform(1.0, 4.0),
         "weight_decay": tune.loguniform(1e-4, 1e-1),
@@ -795,3 +802,8 @@ def _distill_space(segment: int, distill_epochs: int) -> dict[str, Any]:
         "alpha": ALPHA,  # documents the constant in every trial's config
         "seed": segment,
     }
+    if segment == 1:
+        space["model_path"] = student_dir
+        space["model_fingerprint"] = _dir_fingerprint(student_dir)
+        space["student_init"] = student_init if student_dir is None else None
+    return space
