@@ -29,7 +29,7 @@ def test_the_readme_example_runs_and_ends_on_its_budget(tmp_path: Path) -> None:
     edits = {
         'PrefixCache("/tmp/eeipu-cache")': f"PrefixCache({str(tmp_path / 'cache')!r})",
         "budget=120.0": f"budget={BUDGET}",
-        "num_samples=-1)": "num_samples=-1),\n           run_config=RUN_CONFIG",
+        "reuse_actors=True))": "reuse_actors=True),\n           run_config=RUN_CONFIG)",
     }
     for old, new in edits.items():
         assert code.count(old) == 1, f"the README example no longer contains {old!r}"

@@ -324,7 +324,7 @@ def test_s3_credentials_appear_in_no_log_result_report_or_checkpoint(
     storage = tmp_path / "storage"
     grid = tune.Tuner(
         pipeline.as_trainable(cache=cache, metric="score"),
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=5),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=5, reuse_actors=True),
         run_config=tune_run_config(storage, "secrets"),
     ).fit()
     assert not grid.errors, grid.errors

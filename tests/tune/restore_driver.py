@@ -69,7 +69,7 @@ def main() -> None:
         )
         tuner = tune.Tuner(
             _held(trainable, os.path.join(storage, "started")),
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True),
             run_config=tune.RunConfig(storage_path=storage, name="exp", verbose=0),
         )
     else:

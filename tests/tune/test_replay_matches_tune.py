@@ -70,7 +70,9 @@ def _tune_epochs(scheduler: Any, tmp_path: Path) -> list[int]:
         pipeline.as_trainable(cache=PrefixCache(str(tmp_path / "cache")), metric="score"),
         param_space=pipeline.search_space,
         # metric and mode come from the scheduler, as make_scheduler sets them
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=1),
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler, max_concurrent_trials=1, reuse_actors=True
+        ),
         run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0),
     ).fit()
     assert not results.errors

@@ -108,7 +108,7 @@ def test_tuner_sweep_spends_its_budget_exactly_and_reuses_prefixes(
     searcher = make_searcher(pipeline, cache, budget=30.0)
     grid = tune.Tuner(
         pipeline.as_trainable(cache=cache, metric="score"),
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="exp", verbose=0),
     ).fit()
     metrics = [r.metrics for r in grid]
@@ -146,6 +146,7 @@ def test_tune_run_with_concurrency_limiter_and_plain_space(ray_local: Any, tmp_p
         objective,
         search_alg=ConcurrencyLimiter(searcher, max_concurrent=2),
         num_samples=7,
+        reuse_actors=True,
         storage_path=str(tmp_path),
         verbose=0,
     )

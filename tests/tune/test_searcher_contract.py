@@ -558,6 +558,7 @@ def test_tune_run_with_a_nested_param_space_finishes_on_the_budget(
         mode="max",
         search_alg=ConcurrencyLimiter(searcher, max_concurrent=1),
         num_samples=-1,  # only the searcher's budget ends the run
+        reuse_actors=True,
         storage_path=str(tmp_path),
         verbose=0,
     )
@@ -579,7 +580,7 @@ def _fit(trainable: Any, param_space: dict[str, Any], searcher: EEIPUSearcher, w
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric="score", mode="max", search_alg=searcher, num_samples=-1
+            metric="score", mode="max", search_alg=searcher, num_samples=-1, reuse_actors=True
         ),
         run_config=tune.RunConfig(storage_path=str(where.parent), name=where.name, verbose=0),
     ).fit()
