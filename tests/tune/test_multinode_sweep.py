@@ -109,7 +109,9 @@ def _tuner(
     )
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=num_samples, reuse_actors=True
+        ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(storage),
