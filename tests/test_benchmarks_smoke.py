@@ -156,12 +156,14 @@ def test_load_sweep_accounts_for_every_trial(tmp_path: Path) -> None:
     # The script audits itself and exits non-zero when a check fails.
     stdout = run_script(
         "load.py",
-        *("--trials", "24", "--concurrency", "4", "--fail-every", "4", "--fast"),
+        *("--trials", "12", "--concurrency", "4", "--fail-every", "3", "--fast"),
         *("--out", str(out)),
         timeout=1800,
     )
     assert "all passed" in stdout and "CHECK FAILED" not in stdout
     figures = json.loads(out.with_name("load.json").read_text())["figures"]
-    assert figures["trials"] == 24 == figures["completed"] + figures["errored"]
-    assert figures["errored"] >= 1  # the injected failures happened, and were accounted for
+    assert figures["trials"] == 12 == figures["completed"] + figures["errored"]
+    # The injected failures happened and were accounted for. Deterministic: two of
+    # seed 0's ten Sobol warm-up configs are among the 1 in 3 that fail.
+    assert figures["errored"] >= 2
     assert figures["checks_failed"] == []
