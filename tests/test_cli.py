@@ -38,6 +38,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One small `eeipu-ray run` shared by the tests of this module."""
     tmp_path = tmp_path_factory.mktemp("cli")
     cache_dir = tmp_path / "cache"
+    tracking_uri = (tmp_path / "mlruns").as_uri()  # file:///...
     proc = _cli(
         "run",
         "regression",
@@ -55,6 +56,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         str(tmp_path / "results"),
         "--name",
         "smoke",
+        "--mlflow",  # Ray's MLflow logger callback, into a local file store
+        tracking_uri,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -63,6 +66,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "tmp": tmp_path,
         "cache": cache_dir,
         "exp": tmp_path / "results" / "smoke",
+        "mlflow": tracking_uri,
     }
 
 
@@ -106,6 +110,34 @@ def test_run_sweeps_a_builtin_pipeline_and_reuses_prefixes(sweep: dict[str, Any]
     # Everything unpinned is evicted to get under 1 byte; pinned prefixes stay.
     assert after["entries"] == after["pinned"] == before["pinned"]
     assert f"evicted {before['entries'] - after['entries']} entries" in gc.stdout
+
+
+def test_mlflow_logs_every_trial_with_its_metrics(
+    sweep: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``eeipu-ray run --mlflow URI``: every trial is an MLflow run of the experiment
+    named after the sweep, with its metrics and its configuration."""
+    import mlflow
+
+    trials = json.loads((sweep["exp"] / "trials.json").read_text())["trials"]
+    assert len(trials) == 9
+    # MLflow 3 opens a file store only when told to; `--mlflow file:...` tells it.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri(sweep["mlflow"])
+    runs = mlflow.search_runs(experiment_names=["smoke"], output_format="list")
+    assert len(runs) == len(trials)
+    by_trial = {r.data.tags["trial_name"]: r for r in runs}
+    for trial in trials:
+        (name,) = [n for n in by_trial if n.endswith(trial["trial_id"])]
+        run = by_trial[name]
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["score"] == pytest.approx(trial["objective"])
+        assert run.data.metrics["total_cost"] == pytest.approx(trial["charged_cost"])
+        assert run.data.metrics["memoized_stages"] == trial["memoized_stages"]
+        # The trial's configuration, as MLflow params ("stage/name").
+        for stage, params in trial["config"].items():
+            for key, value in params.items():
+                assert float(run.data.params[f"{stage}/{key}"]) == pytest.approx(value)
 
 
 def test_run_rejects_an_unknown_pipeline(tmp_path: Path) -> None:
