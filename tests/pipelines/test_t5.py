@@ -530,6 +530,7 @@ def test_tune_trials_share_a_prefix_through_the_cache(ray_local, tmp_path):
             # One at a time: the second trial must find the first one's entries.
             search_alg=BasicVariantGenerator(points_to_evaluate=[CONFIG, second], max_concurrent=1),
             num_samples=2,
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="t5", verbose=0),
     ).fit()
