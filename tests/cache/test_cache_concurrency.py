@@ -128,13 +128,6 @@ def test_s3_writers_race_to_one_entry(s3_server: dict[str, Any], s3_bucket: str)
 
 
 # ------------------------------------------- forced reader/writer interleavings
-@pytest.fixture(params=["local", "s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "local":
-        return _local_backend(tmp_path)
-    return _s3_backend(request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket"))
-
-
 def test_reader_keeps_an_entry_republished_while_it_read(
     backend: Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

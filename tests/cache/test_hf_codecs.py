@@ -27,16 +27,9 @@ from eeipu_ray.cache.codecs import CodecRegistry, default_codecs
 from eeipu_ray.cache.manifest import EntryMeta
 from eeipu_ray.errors import CodecError
 from tests.cache.test_codecs import joined_parts, through_cache
-from tests.cache.test_prefix_cache import Backend, _local_backend, _s3_backend
+from tests.cache.test_prefix_cache import Backend
 
 LOGGER = "eeipu_ray.cache"
-
-
-@pytest.fixture(params=["local", "s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "local":
-        return _local_backend(tmp_path)
-    return _s3_backend(request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket"))
 
 
 @pytest.fixture

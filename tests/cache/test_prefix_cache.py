@@ -122,13 +122,6 @@ def _s3_backend(s3_server: dict[str, Any], bucket_url: str) -> Backend:
     )
 
 
-@pytest.fixture(params=["local", "s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "local":
-        return _local_backend(tmp_path)
-    return _s3_backend(request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket"))
-
-
 @pytest.fixture
 def local(tmp_path: Path) -> Backend:
     return _local_backend(tmp_path)
