@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.cli.helpers import run_cli
 from tests.test_report import check_html_in_browser, check_png, markdown_trial_rows
-
-
-def _cli(
-    *args: str, cwd: Path, timeout: float = 1800, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    # Tune's output as users get it: tests/conftest.py sets the legacy one for the
-    # library's tests, and the progress display must not depend on it.
-    inherited = {k: v for k, v in os.environ.items() if k != "RAY_AIR_NEW_OUTPUT"}
-    env = {**inherited, "RAY_AUTH_MODE": "disabled", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "eeipu_ray.cli", *args],
-        check=False,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +19,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp_path = tmp_path_factory.mktemp("cli")
     cache_dir = tmp_path / "cache"
     tracking_uri = (tmp_path / "mlruns").as_uri()  # file:///...
-    proc = _cli(
+    proc = run_cli(
         "run",
         "regression",
         "--num-samples",
@@ -96,17 +76,17 @@ def test_run_sweeps_a_builtin_pipeline_and_reuses_prefixes(sweep: dict[str, Any]
     else:
         assert f"energy spent (measured): {summary['energy_spent_j']:.1f} J" in proc.stdout
 
-    stats = _cli("cache", "stats", str(cache_dir), cwd=tmp_path)
+    stats = run_cli("cache", "stats", str(cache_dir), cwd=tmp_path)
     assert stats.returncode == 0, stats.stderr
     before = json.loads(stats.stdout)
     assert before["entries"] >= 2
     assert before["pinned"] >= 1  # the searcher pins the prefixes of its best trials
-    listing = _cli("cache", "ls", str(cache_dir), cwd=tmp_path)
+    listing = run_cli("cache", "ls", str(cache_dir), cwd=tmp_path)
     stages = {line.split()[-1] for line in listing.stdout.splitlines()}
     assert stages == {"data", "data/features"}, listing.stdout
-    gc = _cli("cache", "gc", str(cache_dir), "--max-bytes", "1", cwd=tmp_path)
+    gc = run_cli("cache", "gc", str(cache_dir), "--max-bytes", "1", cwd=tmp_path)
     assert gc.returncode == 0
-    after = json.loads(_cli("cache", "stats", str(cache_dir), cwd=tmp_path).stdout)
+    after = json.loads(run_cli("cache", "stats", str(cache_dir), cwd=tmp_path).stdout)
     # Everything unpinned is evicted to get under 1 byte; pinned prefixes stay.
     assert after["entries"] == after["pinned"] == before["pinned"]
     assert f"evicted {before['entries'] - after['entries']} entries" in gc.stdout
@@ -141,7 +121,7 @@ def test_mlflow_logs_every_trial_with_its_metrics(
 
 
 def test_run_rejects_an_unknown_pipeline(tmp_path: Path) -> None:
-    proc = _cli("run", "no_such_pipeline", cwd=tmp_path, timeout=600)
+    proc = run_cli("run", "no_such_pipeline", cwd=tmp_path, timeout=600)
     assert proc.returncode != 0
     assert "no_such_pipeline" in proc.stderr
 
@@ -192,7 +172,7 @@ def test_run_shows_live_progress_and_writes_trials_and_decisions(sweep: dict[str
 
 def test_report_of_the_run(sweep: dict[str, Any], tmp_path: Path) -> None:
     exp, out_dir = sweep["exp"], tmp_path / "report"
-    proc = _cli("report", str(exp), "--out", str(out_dir), cwd=tmp_path, timeout=900)
+    proc = run_cli("report", str(exp), "--out", str(out_dir), cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pngs = sorted(p.name for p in out_dir.glob("*.png"))
     assert pngs == ["best_objective.png", "cache_hits.png", "eta.png", "stage_costs.png"]
@@ -209,7 +189,7 @@ def test_report_of_the_run(sweep: dict[str, Any], tmp_path: Path) -> None:
 
 
 def test_run_energy_is_refused_where_no_meter_works(tmp_path: Path) -> None:
-    proc = _cli(
+    proc = run_cli(
         "run",
         "regression",
         "--num-samples",
@@ -224,7 +204,7 @@ def test_run_energy_is_refused_where_no_meter_works(tmp_path: Path) -> None:
     assert "--cost energy: no energy meter works on this machine" in proc.stderr
     assert "metering is off" in proc.stderr  # the reason, per meter
     assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
-    proc = _cli(
+    proc = run_cli(
         "run",
         "regression",
         "--energy",  # the same as --cost energy
@@ -241,16 +221,14 @@ def test_run_energy_is_refused_where_no_meter_works(tmp_path: Path) -> None:
 def test_report_rejects_a_directory_that_is_not_an_experiment(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     for bad in (tmp_path / "empty", tmp_path / "missing"):
-        proc = _cli("report", str(bad), cwd=tmp_path, timeout=600)
+        proc = run_cli("report", str(bad), cwd=tmp_path, timeout=600)
         assert proc.returncode == 2, proc.stderr
         assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_run_a_user_pipeline_given_as_module_object_with_options(tmp_path: Path) -> None:
     """``eeipu-ray run module:object -o KEY=VALUE``: the builder gets the options."""
-    repo = Path(__file__).resolve().parents[1]
-    env_path = {"PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-    proc = _cli(
+    proc = run_cli(
         "run",
         "tests.tune.toy_pipeline:make_pipeline",
         "-o",
@@ -273,7 +251,6 @@ def test_run_a_user_pipeline_given_as_module_object_with_options(tmp_path: Path)
         "--name",
         "user",
         cwd=tmp_path,
-        env=env_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "results" / "user" / "summary.json").read_text())
@@ -282,7 +259,7 @@ def test_run_a_user_pipeline_given_as_module_object_with_options(tmp_path: Path)
     # degrees=[1, 2, 3] (JSON) replaced the builder's default choices (1, 2).
     assert {r["config"]["features"]["degree"] for r in summary["rows"]} <= {1, 2, 3}
 
-    bad = _cli(
+    bad = run_cli(
         "run",
         "tests.tune.toy_pipeline:make_pipeline",
         "-o",
@@ -290,12 +267,11 @@ def test_run_a_user_pipeline_given_as_module_object_with_options(tmp_path: Path)
         "--num-samples",
         "1",
         cwd=tmp_path,
-        env=env_path,
         timeout=600,
     )
     assert bad.returncode == 2
     assert "no_such_option" in bad.stderr and "Traceback" not in bad.stderr
-    malformed = _cli(
+    malformed = run_cli(
         "run", "regression", "-o", "oops", "--num-samples", "1", cwd=tmp_path, timeout=600
     )
     assert malformed.returncode == 2 and "'oops'" in malformed.stderr
