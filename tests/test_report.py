@@ -10,7 +10,6 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from eeipu_ray.report import (
 )
 from eeipu_ray.report.series import eta_series
 from eeipu_ray.search.acquisition import cost_cooling
+from tests.cli.helpers import run_cli
 
 STAGES = ["data", "features", "ridge"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -286,13 +286,7 @@ def test_a_directory_that_is_not_an_experiment_is_refused(tmp_path: Path, layout
 def test_report_command_refuses_a_bad_directory_with_status_2(tmp_path: Path) -> None:
     bad = tmp_path / "nothing-here"
     bad.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-m", "eeipu_ray.cli", "report", str(bad)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli("report", str(bad), cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert str(bad) in proc.stderr and "not an experiment directory" in proc.stderr
     assert "Traceback" not in proc.stderr
