@@ -10,6 +10,7 @@ process (:data:`DRIVER_OPTIONS`).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -74,6 +75,63 @@ def check_experiment_dir(exp_dir: str) -> None:
             f"--resume {exp_dir}: not a Ray Tune experiment directory (it holds no tuner.pkl; "
             "give the directory 'eeipu-ray run' wrote, --storage-path/--name)"
         )
+    check_saved_state(exp_dir)
+
+
+#: The state files Tune restores from (the newest of each by name, as Tune
+#: picks them) and how each is read: the experiment state is JSON, the search
+#: generator's and the searcher's states are pickles.
+_STATE_FILES = (
+    ("experiment_state-*.json", "json"),
+    ("search_gen_state-*.json", "pickle"),
+    ("searcher-state-*.pkl", "pickle"),
+)
+
+
+def check_saved_state(exp_dir: str) -> None:
+    """Refuse ``--resume`` when Tune could not read the state it would restore.
+
+    Tune copies its state files into the experiment directory in place, so a
+    driver killed during a copy can leave one cut short; ``Tuner.restore`` then
+    logs the error and starts the experiment over, with a fresh searcher and
+    budget. Refused here instead, naming the file.
+
+    Raises:
+        UsageError: the newest experiment state is missing, unreadable or holds
+            no trial, or the newest search state is unreadable.
+    """
+    newest = {}
+    for pattern, kind in _STATE_FILES:
+        paths = sorted(glob.glob(os.path.join(glob.escape(exp_dir), pattern)))
+        if paths:
+            newest[pattern] = (paths[-1], kind)
+    if "experiment_state-*.json" not in newest:
+        raise UsageError(f"--resume {exp_dir}: it holds no experiment_state-*.json to resume from")
+    for path, kind in newest.values():
+        try:
+            with open(path, "rb") as fh:
+                state = json.load(fh) if kind == "json" else _whole_pickle(fh)
+        except (OSError, ValueError) as exc:  # cut short: JSON or pickle opcodes end early
+            raise UsageError(
+                f"--resume {exp_dir}: cannot read {os.path.basename(path)} ({exc!r}); Tune "
+                "would start the experiment over. The driver was probably killed while Tune "
+                "copied it into the experiment directory."
+            ) from exc
+        if kind == "json" and not (isinstance(state, dict) and state.get("trial_data")):
+            raise UsageError(
+                f"--resume {exp_dir}: {os.path.basename(path)} holds no trial: nothing to resume"
+            )
+
+
+def _whole_pickle(fh: Any) -> None:
+    """Walk a pickle's opcodes to its end without running any (no import of the
+    classes it names); ``ValueError`` if it is cut short."""
+    import collections
+    import pickletools
+
+    last = collections.deque(pickletools.genops(fh), maxlen=1)
+    if not last or last[0][0].name != "STOP":
+        raise ValueError("the pickle ends before its STOP opcode")
 
 
 def resume_arguments(argv: Sequence[str] | None, args: argparse.Namespace) -> argparse.Namespace:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,9 @@ from typing import Any
 import pytest
 
 from eeipu_ray.tune.searcher import EEIPUSearcher
-from tests.cli.helpers import cli_command, cli_env, run_cli
+from tests.cli.helpers import cli_command, cli_env, run_cli, run_main
 from tests.cli.pipelines import runs_per_trial
+from tests.experiment_files import wait_until_settled
 
 BUDGET = 30.0
 # The first four trials (the warm-up, Sobol points of the synthetic pipeline)
@@ -59,7 +62,9 @@ def _searcher_observations(exp_dir: Path) -> dict[str, float]:
     }
 
 
-def test_a_killed_sweep_resumes_and_spends_its_budget(tmp_path: Path) -> None:
+def test_a_killed_sweep_resumes_and_spends_its_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     hold_dir, exp_dir = tmp_path / "hold", tmp_path / "results" / "sweep"
     hold_dir.mkdir()
     (hold_dir / "hold").touch()
@@ -105,6 +110,8 @@ def test_a_killed_sweep_resumes_and_spends_its_budget(tmp_path: Path) -> None:
                 exp_dir.glob("search_gen_state-*.json")
             )
             if len(before) >= HOLD_AFTER and held and synced:
+                # Kill between Tune's writes of its state (tests/experiment_files.py).
+                wait_until_settled(exp_dir)
                 break
             if driver.poll() is not None:
                 out = driver.stdout.read().decode(errors="replace") if driver.stdout else ""
@@ -116,6 +123,8 @@ def test_a_killed_sweep_resumes_and_spends_its_budget(tmp_path: Path) -> None:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=300)
     before_output = driver.stdout.read().decode(errors="replace") if driver.stdout else ""
+    before = _finished_trials(exp_dir)  # what the settled state holds
+    assert len(before) >= HOLD_AFTER
     observed_before = _searcher_observations(exp_dir)
     assert set(before) <= set(observed_before)
     spent_before = sum(r.charged_cost or 0.0 for r in _restored(exp_dir).engine.records)
@@ -125,9 +134,27 @@ def test_a_killed_sweep_resumes_and_spends_its_budget(tmp_path: Path) -> None:
         assert f"trial {trial_id} finished: score" in before_output, before_output[-3000:]
 
     # A resumed run keeps its settings: a different one is refused, naming both.
-    changed = run_cli("run", "--resume", str(exp_dir), "--budget", "99", cwd=tmp_path)
-    assert changed.returncode == 2
-    assert "--budget 99.0" in changed.stderr and "30.0" in changed.stderr
+    status, _, err = run_main(["run", "--resume", str(exp_dir), "--budget", "99"], capsys)
+    assert status == 2 and "--budget 99.0" in err and "30.0" in err
+
+    # State that Tune could not read (a file cut short by a kill during Tune's
+    # copy, or an experiment state without trials) is refused, naming the file:
+    # Tune would start the experiment over.
+    for pattern, cut in [
+        ("experiment_state-*.json", "half"),
+        ("searcher-state-*.pkl", "half"),
+        ("experiment_state-*.json", "no trials"),
+    ]:
+        copy = Path(tempfile.mkdtemp(dir=tmp_path)) / "sweep"
+        shutil.copytree(exp_dir, copy)
+        path = sorted(copy.glob(pattern))[-1]
+        if cut == "half":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        else:
+            path.write_text(json.dumps({**json.loads(path.read_text()), "trial_data": []}))
+        status, _, err = run_main(["run", "--resume", str(copy)], capsys)
+        assert status == 2 and path.name in err, err
+        assert ("over" if cut == "half" else "holds no trial") in err
 
     (hold_dir / "hold").unlink()
     resumed = run_cli("run", "--resume", str(exp_dir), cwd=tmp_path, timeout=900)

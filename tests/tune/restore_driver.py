@@ -2,6 +2,8 @@
 ``resume`` restores it with ``Tuner.restore`` and finishes it.
 
 Usage: python restore_driver.py start|resume STORAGE_DIR CACHE_DIR
+
+``start`` pauses its loop while STORAGE_DIR/pause exists (the test kills it then).
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ def _held(trainable, marker_dir: str):
     return run
 
 
+class PauseOnMarker(tune.Callback):
+    """Once ``marker`` exists, the driver's loop waits at the end of its step
+    until the test kills it: Tune writes no more experiment state (a copy it
+    launched finishes), so the kill cannot cut a state file short."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def on_step_end(self, iteration, trials, **info):
+        while os.path.exists(self.marker):
+            time.sleep(0.2)
+
+
 def main() -> None:
     mode, storage, cache_dir = sys.argv[1:4]
     pipeline = build_pipeline(time_scale=TIME_SCALE)
@@ -70,7 +85,12 @@ def main() -> None:
         tuner = tune.Tuner(
             _held(trainable, os.path.join(storage, "started")),
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True),
-            run_config=tune.RunConfig(storage_path=storage, name="exp", verbose=0),
+            run_config=tune.RunConfig(
+                storage_path=storage,
+                name="exp",
+                verbose=0,
+                callbacks=[PauseOnMarker(os.path.join(storage, "pause"))],
+            ),
         )
     else:
         tuner = tune.Tuner.restore(

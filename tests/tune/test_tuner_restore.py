@@ -18,6 +18,7 @@ import pytest
 from eeipu_ray.cache import PrefixCache
 from eeipu_ray.pipelines.synthetic import build_pipeline, synthetic_objective
 from eeipu_ray.tune.searcher import EEIPUSearcher
+from tests.experiment_files import wait_until_settled
 
 DRIVER = Path(__file__).with_name("restore_driver.py")
 BUDGET = 30.0  # restore_driver's: more than its four warm-up trials cost (24.9)
@@ -72,6 +73,10 @@ def test_killed_driver_resumes_with_budget_and_observations(tmp_path: Path) -> N
                 str(exp_dir / "experiment_state-*.json")
             )
             if state is not None and len(_completed(state)) >= 4 and synced:
+                # Pause the driver's loop, then kill it once what it wrote has
+                # settled: no state file is cut short (tests/experiment_files.py).
+                (storage / "pause").touch()
+                wait_until_settled(exp_dir)
                 break
             if driver.poll() is not None:
                 pytest.fail(
@@ -85,6 +90,7 @@ def test_killed_driver_resumes_with_budget_and_observations(tmp_path: Path) -> N
         # SIGKILL the driver and the local Ray cluster it started (its session).
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=300)
+        (storage / "pause").unlink(missing_ok=True)  # the resumed driver unpickles the callback
     assert state is not None
     before = _checkpoint_state(exp_dir)  # the last state written before the kill
     assert before is not None
