@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli.helpers import run_cli
+from tests.cli.helpers import run_cli, run_main
 from tests.test_report import check_html_in_browser, check_png, markdown_trial_rows
 
 
@@ -120,10 +120,9 @@ def test_mlflow_logs_every_trial_with_its_metrics(
                 assert float(run.data.params[f"{stage}/{key}"]) == pytest.approx(value)
 
 
-def test_run_rejects_an_unknown_pipeline(tmp_path: Path) -> None:
-    proc = run_cli("run", "no_such_pipeline", cwd=tmp_path, timeout=600)
-    assert proc.returncode != 0
-    assert "no_such_pipeline" in proc.stderr
+def test_run_rejects_an_unknown_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run_main(["run", "no_such_pipeline"], capsys)
+    assert status == 2 and "no_such_pipeline" in err
 
 
 def test_run_shows_live_progress_and_writes_trials_and_decisions(sweep: dict[str, Any]) -> None:
@@ -188,45 +187,38 @@ def test_report_of_the_run(sweep: dict[str, Any], tmp_path: Path) -> None:
     check_html_in_browser(out_dir / "report.html", tmp_path, trial_ids, n_images=4)
 
 
-def test_run_energy_is_refused_where_no_meter_works(tmp_path: Path) -> None:
-    proc = run_cli(
-        "run",
-        "regression",
-        "--num-samples",
-        "1",
-        "--cost",
-        "energy",
-        cwd=tmp_path,
-        timeout=600,
-        env={"EEIPU_ENERGY_METERS": "none"},  # as on a machine without NVML or RAPL
+def test_run_energy_is_refused_where_no_meter_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EEIPU_ENERGY_METERS", "none")  # as on a machine without NVML or RAPL
+    status, _, err = run_main(
+        ["run", "regression", "--num-samples", "1", "--cost", "energy"], capsys
     )
-    assert proc.returncode == 2
-    assert "--cost energy: no energy meter works on this machine" in proc.stderr
-    assert "metering is off" in proc.stderr  # the reason, per meter
-    assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
-    proc = run_cli(
-        "run",
-        "regression",
-        "--energy",  # the same as --cost energy
-        "--searcher",
-        "tune-random",
-        "--num-samples",
-        "1",
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert proc.returncode == 2 and "budget-aware searcher" in proc.stderr
+    assert status == 2
+    assert "--cost energy: no energy meter works on this machine" in err
+    assert "metering is off" in err  # the reason, per meter
+    assert not (tmp_path / "results").exists()
+    monkeypatch.delenv("EEIPU_ENERGY_METERS")
+    # --energy is the same as --cost energy.
+    argv = ["run", "regression", "--energy", "--searcher", "tune-random", "--num-samples", "1"]
+    status, _, err = run_main(argv, capsys)
+    assert status == 2 and "budget-aware searcher" in err
 
 
-def test_report_rejects_a_directory_that_is_not_an_experiment(tmp_path: Path) -> None:
+def test_report_rejects_a_directory_that_is_not_an_experiment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "empty").mkdir()
     for bad in (tmp_path / "empty", tmp_path / "missing"):
-        proc = run_cli("report", str(bad), cwd=tmp_path, timeout=600)
-        assert proc.returncode == 2, proc.stderr
-        assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+        status, _, err = run_main(["report", str(bad)], capsys)
+        assert status == 2, err
+        assert str(bad) in err
 
 
-def test_run_a_user_pipeline_given_as_module_object_with_options(tmp_path: Path) -> None:
+def test_run_a_user_pipeline_given_as_module_object_with_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``eeipu-ray run module:object -o KEY=VALUE``: the builder gets the options."""
     proc = run_cli(
         "run",
@@ -259,19 +251,9 @@ def test_run_a_user_pipeline_given_as_module_object_with_options(tmp_path: Path)
     # degrees=[1, 2, 3] (JSON) replaced the builder's default choices (1, 2).
     assert {r["config"]["features"]["degree"] for r in summary["rows"]} <= {1, 2, 3}
 
-    bad = run_cli(
-        "run",
-        "tests.tune.toy_pipeline:make_pipeline",
-        "-o",
-        "no_such_option=1",
-        "--num-samples",
-        "1",
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert bad.returncode == 2
-    assert "no_such_option" in bad.stderr and "Traceback" not in bad.stderr
-    malformed = run_cli(
-        "run", "regression", "-o", "oops", "--num-samples", "1", cwd=tmp_path, timeout=600
-    )
-    assert malformed.returncode == 2 and "'oops'" in malformed.stderr
+    # Bad options are refused before a cluster starts, naming the option.
+    argv = ["run", "tests.tune.toy_pipeline:make_pipeline", "-o", "no_such_option=1"]
+    status, _, err = run_main([*argv, "--num-samples", "1"], capsys)
+    assert status == 2 and "no_such_option" in err
+    status, _, err = run_main(["run", "regression", "-o", "oops", "--num-samples", "1"], capsys)
+    assert status == 2 and "'oops'" in err
