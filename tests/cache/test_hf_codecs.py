@@ -459,7 +459,11 @@ VALUES = {
 
 @pytest.mark.parametrize("kind", list(VALUES))
 def test_truncated_part_is_a_miss_and_removed(
-    kind: str, backend: Backend, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+    kind: str,
+    backend: Backend,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+    workdir: Path,
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
     ray_data = request.getfixturevalue("ray_data") if kind == "ray_dataset" else None
@@ -473,10 +477,10 @@ def test_truncated_part_is_a_miss_and_removed(
     backend.fs.pipe_file(path, blob[: len(blob) // 2])
 
     reader = backend.cache()  # a fresh process's view
-    assert reader.load(key) is None
+    assert reader.load(key, workdir=workdir) is None
     assert any(key[:12] in r.getMessage() for r in caplog.records), caplog.text
     assert not reader.contains(key)
     assert [p for p in backend.all_files() if key in p] == []
     # Stored again, it loads.
     key_again = store(reader, VALUES[kind](ray_data))
-    assert reader.load(key_again) is not None
+    assert reader.load(key_again, workdir=workdir) is not None
