@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,8 +13,20 @@ from tests.test_benchmarks_smoke import BENCH, run_script
 
 sys.path.insert(0, str(BENCH))
 
+import evaluate
 from evaluate import _save_row, _split_variants, cost_to_target, paired_t, variants_table
 from optima import OPTIMA_FILE, load_optima
+
+
+def evaluate_here(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``evaluate.py ARGV`` in this process (reports and refusals run no sweep):
+    its exit status, stdout and stderr."""
+    try:
+        status = evaluate.main(list(argv))
+    except SystemExit as exc:  # argparse's refusals
+        status = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 def test_paired_t():
@@ -143,15 +154,18 @@ def test_recorded_optima_are_the_layouts_maxima():
         assert max(sampled) <= optima[name]
 
 
-def test_evaluate_runs_methods_and_reports_paired_statistics(tmp_path: Path):
+def test_evaluate_runs_methods_and_reports_paired_statistics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     out = tmp_path / "eval"
     common = ("--layouts", "flat4", "--seeds", "0-1", "--budget", "20", "--warmup", "3")
+    # The script itself once (a process of its own), then its main() in this one.
     run_script(
         "evaluate.py", *common, "--methods", "eeipu,ei,optuna_tpe", "--fast", "--out", str(out)
     )
     # An ablation appends under its own label, with its option recorded.
-    stdout = run_script(
-        "evaluate.py",
+    status, stdout, err = evaluate_here(
+        capsys,
         *common,
         "--methods",
         "eeipu",
@@ -164,7 +178,7 @@ def test_evaluate_runs_methods_and_reports_paired_statistics(tmp_path: Path):
         "--out",
         str(out),
     )
-    assert "eeipu-q1" in stdout
+    assert status == 0 and "eeipu-q1" in stdout, err
     doc = json.loads(out.with_suffix(".json").read_text())
     rows = doc["rows"]
     assert sorted((r["method"], r["seed"]) for r in rows) == sorted(
@@ -190,42 +204,28 @@ def test_evaluate_runs_methods_and_reports_paired_statistics(tmp_path: Path):
     ]
     assert {c[0]: c[3] for c in paired if len(c) == 5} == {"ei": "2", "optuna_tpe": "2"}
     # Nothing is run twice: a repeat of the first command adds no rows.
-    run_script(
-        "evaluate.py", *common, "--methods", "eeipu,ei", "--fast", "--append", "--out", str(out)
+    status, _, err = evaluate_here(
+        capsys, *common, "--methods", "eeipu,ei", "--fast", "--append", "--out", str(out)
     )
+    assert status == 0, err
     assert len(json.loads(out.with_suffix(".json").read_text())["rows"]) == len(rows)
 
 
-def test_a_bad_option_is_refused_naming_it(tmp_path: Path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "evaluate.py"),
-            "--option",
-            "top_q=-3",
-            "--out",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode != 0 and "top_q=-3" in proc.stderr
+def test_a_bad_option_is_refused_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    status, _, err = evaluate_here(capsys, "--option", "top_q=-3", "--out", str(tmp_path / "x"))
+    assert status != 0 and "top_q=-3" in err
     assert not (tmp_path / "x.json").exists()
 
 
-def test_against_without_a_label_is_refused(tmp_path: Path):
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "evaluate.py"), "--against", "eeipu-x",
-         "--out", str(tmp_path / "x")],
-        capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert proc.returncode != 0 and "--against" in proc.stderr
+def test_against_without_a_label_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    status, _, err = evaluate_here(capsys, "--against", "eeipu-x", "--out", str(tmp_path / "x"))
+    assert status != 0 and "--against" in err
     assert not (tmp_path / "x.json").exists()
 
 
-def test_each_held_out_seed_set_and_their_pool_get_a_table(tmp_path: Path):
+def test_each_held_out_seed_set_and_their_pool_get_a_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     def row(method: str, seed: int, best: float) -> dict:
         return {"pipeline": "t5", "method": method, "seed": seed, "budget": 150.0,
                 "best": best, "candidates": 5, "curve": [[10.0, best - 0.1], [60.0, best]]}
@@ -236,8 +236,10 @@ def test_each_held_out_seed_set_and_their_pool_get_a_table(tmp_path: Path):
         source = tmp_path / f"rows{len(seeds)}.json"
         source.write_text(json.dumps({"commands": ["python compare.py"], "rows": rows}))
         out = tmp_path / f"told{len(seeds)}"
-        run_script("evaluate.py", "--report", "--from-compare", str(source), "--out", str(out),
-                   timeout=120)
+        status, _, err = evaluate_here(
+            capsys, "--report", "--from-compare", str(source), "--out", str(out)
+        )
+        assert status == 0, err
         return out.with_suffix(".md").read_text()
 
     md = report([10, 11, 12, 20, 21])
@@ -248,7 +250,9 @@ def test_each_held_out_seed_set_and_their_pool_get_a_table(tmp_path: Path):
     assert "## held-out (seeds 10-19)" in md and "pooled" not in md and "20-29" not in md
 
 
-def test_tune_rows_of_a_real_pipeline_are_reported_without_regret(tmp_path: Path):
+def test_tune_rows_of_a_real_pipeline_are_reported_without_regret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     """``--report --from-compare``: compare.py's rows (t5 has no known optimum)."""
 
     def row(method: str, seed: int, best: float) -> dict:
@@ -262,8 +266,10 @@ def test_tune_rows_of_a_real_pipeline_are_reported_without_regret(tmp_path: Path
     source = tmp_path / "compare_real.json"
     source.write_text(json.dumps({"commands": ["python compare.py"], "rows": rows}))
     out = tmp_path / "told"
-    run_script("evaluate.py", "--report", "--from-compare", str(source), "--out", str(out),
-               timeout=120)
+    status, _, err = evaluate_here(
+        capsys, "--report", "--from-compare", str(source), "--out", str(out)
+    )
+    assert status == 0, err
     md = out.with_suffix(".md").read_text()
     assert "Ray Tune runs" in md and "In-process" not in md
     held_out = md.split("## held-out")[1]
@@ -277,24 +283,24 @@ def test_tune_rows_of_a_real_pipeline_are_reported_without_regret(tmp_path: Path
     fewer = tmp_path / "compare_fewer.json"
     fewer.write_text(json.dumps({"commands": ["python compare.py --seeds 2"],
                                  "rows": [row("carbo", s, 0.3) for s in (10, 11)]}))
-    run_script("evaluate.py", "--report", "--from-compare", str(source), str(fewer),
-               "--out", str(out), timeout=120)
+    status, _, err = evaluate_here(
+        capsys, "--report", "--from-compare", str(source), str(fewer), "--out", str(out)
+    )
+    assert status == 0, err
     held_out = out.with_suffix(".md").read_text().split("## held-out")[1]
     assert "| ei | -0.010 |" in held_out
     assert "| carbo | " in held_out.split("Variants")[1]
     # The same run in two files is refused, naming it.
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "evaluate.py"), "--report", "--from-compare",
-         str(source), str(source), "--out", str(tmp_path / "twice")],
-        capture_output=True, text=True, timeout=120, check=False,
+    status, _, err = evaluate_here(
+        capsys, "--report", "--from-compare", str(source), str(source), "--out",
+        str(tmp_path / "twice"),
     )
-    assert proc.returncode == 2 and "('t5', 'eeipu', 10)" in proc.stderr
+    assert status == 2 and "('t5', 'eeipu', 10)" in err
 
 
-def test_from_compare_without_report_is_refused(tmp_path: Path):
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "evaluate.py"), "--from-compare", "x.json",
-         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 2 and "--from-compare needs --report" in proc.stderr
+def test_from_compare_without_report_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    argv = ["--from-compare", "x.json", "--out", str(tmp_path / "o")]
+    status, _, err = evaluate_here(capsys, *argv)
+    assert status == 2 and "--from-compare needs --report" in err
