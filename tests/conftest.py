@@ -16,6 +16,10 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Ray Train's controller polls its workers every 2 s by default: a start and an
+# end of a worker group wait for the polls (~5 s per fit on a 2-core machine,
+# measured). The tests' stages train for a second; poll sooner.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def _free_port() -> int:
