@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -90,6 +91,14 @@ def local_ray(num_cpus: int) -> Iterator[Any]:
 
     if ray.is_initialized():
         ray.shutdown()
+    _start_local_ray(ray, num_cpus)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _start_local_ray(ray: Any, num_cpus: int) -> None:
     # address="local": a fresh cluster even when another one runs on this machine.
     ray.init(
         address="local",
@@ -99,14 +108,58 @@ def local_ray(num_cpus: int) -> Iterator[Any]:
         logging_level="WARNING",
         log_to_driver=True,
     )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+
+
+#: The GCS address of the cluster ``ray_local`` started, while it runs.
+_SHARED_RAY: dict[str, str] = {}
+
+
+def _left_as_found(ray: Any) -> bool:
+    """Whether a module left the shared cluster as it found it: no named actor
+    (an object-store cache layer, say) and every CPU free again."""
+    if ray.util.list_named_actors(all_namespaces=True):
+        return False
+    total = ray.cluster_resources().get("CPU")
+    deadline = time.monotonic() + 10  # Tune's actors free their CPUs shortly after a fit
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU") == total:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[Any]:
-    """A local Ray cluster with 2 CPUs, shared by a test module."""
-    with local_ray(2) as ray:
-        yield ray
+    """A local Ray cluster with 2 CPUs for a test module.
+
+    Consecutive modules share one (a start and a shutdown cost ~6 s each) while
+    each leaves it as it found it; otherwise it is shut down after the module.
+    A module that starts a cluster of its own (``local_ray``, ``Cluster``)
+    shuts it down first, and the next module here starts a fresh one.
+    """
+    import ray
+
+    if not (
+        ray.is_initialized()
+        and _SHARED_RAY.get("address") == ray.get_runtime_context().gcs_address
+    ):
+        if ray.is_initialized():
+            ray.shutdown()
+        _start_local_ray(ray, 2)
+        _SHARED_RAY["address"] = ray.get_runtime_context().gcs_address
+    yield ray
+    ours = ray.is_initialized() and (
+        _SHARED_RAY.get("address") == ray.get_runtime_context().gcs_address
+    )
+    if not (ours and _left_as_found(ray)):
+        _SHARED_RAY.clear()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
