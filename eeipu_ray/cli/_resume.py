@@ -100,13 +100,14 @@ def check_saved_state(exp_dir: str) -> None:
         UsageError: the newest experiment state is missing, unreadable or holds
             no trial, or the newest search state is unreadable.
     """
-    newest = {}
+    newest: dict[str, tuple[str, str]] = {}
     for pattern, kind in _STATE_FILES:
         paths = sorted(glob.glob(os.path.join(glob.escape(exp_dir), pattern)))
         if paths:
             newest[pattern] = (paths[-1], kind)
+    start_again = "nothing to resume: start the sweep again (under another --name)"
     if "experiment_state-*.json" not in newest:
-        raise UsageError(f"--resume {exp_dir}: it holds no experiment_state-*.json to resume from")
+        raise UsageError(f"--resume {exp_dir}: it holds no experiment_state-*.json, {start_again}")
     for path, kind in newest.values():
         try:
             with open(path, "rb") as fh:
@@ -119,7 +120,7 @@ def check_saved_state(exp_dir: str) -> None:
             ) from exc
         if kind == "json" and not (isinstance(state, dict) and state.get("trial_data")):
             raise UsageError(
-                f"--resume {exp_dir}: {os.path.basename(path)} holds no trial: nothing to resume"
+                f"--resume {exp_dir}: {os.path.basename(path)} holds no trial, {start_again}"
             )
 
 

@@ -169,3 +169,8 @@ def test_resume_of_what_is_not_an_experiment_is_refused(
     (tmp_path / "empty").mkdir()
     status, _, err = run_main(["run", "--resume", str(tmp_path / "empty")], capsys)
     assert status == 2 and "not a Ray Tune experiment directory" in err
+    # A driver killed before Tune saved any experiment state: nothing to resume.
+    (tmp_path / "unsaved").mkdir()
+    (tmp_path / "unsaved" / "tuner.pkl").write_bytes(b"")
+    status, _, err = run_main(["run", "--resume", str(tmp_path / "unsaved")], capsys)
+    assert status == 2 and "holds no experiment_state-*.json" in err and "start the sweep" in err
