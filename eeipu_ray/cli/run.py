@@ -164,7 +164,9 @@ def _init_ray(args: argparse.Namespace) -> None:
     if args.address:
         ray.init(address=args.address)
     else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        # address="local": a cluster of the run's own even where `ray start` runs
+        # one (ray.init() alone would join that one and refuse num_cpus).
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
 
 
 def _make_searcher(args: argparse.Namespace, pipeline: Any, cache: Any) -> Any:

@@ -70,7 +70,7 @@ def main() -> None:
     pipeline = build_pipeline(time_scale=TIME_SCALE)
     cache = PrefixCache(cache_dir)
     trainable = pipeline.as_trainable(cache=cache, metric="score")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     if mode == "start":
         searcher = EEIPUSearcher(
             pipeline,

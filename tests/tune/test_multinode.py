@@ -155,3 +155,23 @@ def test_s3_across_nodes(
     a, _ = _check_a_then_b(two_nodes, cache, tmp_path, unique_name("multinode-s3"))
     for stage in STAGES[:2]:
         cache.verify(a[f"prefix_key/{stage}"])
+
+
+def test_the_command_without_address_starts_a_cluster_of_its_own(
+    two_nodes: dict[str, str], tmp_path: Path
+) -> None:
+    """A running cluster records its address for ``ray.init()`` to find (as ``ray
+    start`` does); ``eeipu-ray run`` without ``--address`` still starts a local
+    cluster of its own, as its help says, instead of joining that one."""
+    from tests.cli.helpers import run_cli
+
+    proc = run_cli(
+        "run",
+        "synthetic",
+        *("--searcher", "random", "--num-samples", "1", "--num-cpus", "1"),
+        *("--cache", str(tmp_path / "cache"), "--name", "own", "--no-report"),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "results" / "own" / "summary.json").read_text())
+    assert summary["trials"] == 1 and summary["errors"] == 0
