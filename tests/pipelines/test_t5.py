@@ -62,6 +62,7 @@ class FirstRun:
 
     def __init__(self, pipeline: Pipeline, root: Path) -> None:
         self.cache = PrefixCache(str(root / "cache"))
+        self.loaded = root / "loaded"  # where entries that restore files are loaded
         self.reports: list[dict[str, Any]] = []
         random.seed(123), np.random.seed(123), torch.manual_seed(123)
         self.expected_draws = (random.random(), np.random.rand(), torch.rand(3))
@@ -71,7 +72,7 @@ class FirstRun:
         self.keys = dict(zip(STAGES, pipeline.prefix_keys(CONFIG), strict=True))
 
     def entry(self, stage: str) -> Any:
-        return self.cache.load(self.keys[stage]).value
+        return self.cache.load(self.keys[stage], workdir=self.loaded).value
 
     def epoch_reports(self) -> list[dict[str, Any]]:
         """The trainers' per-epoch logs (the others: their end-of-training summaries)."""
@@ -388,7 +389,7 @@ def test_user_data_file_runs_through_the_pipeline(tmp_path):
     cache = PrefixCache(str(tmp_path / "cache"))
     out = pipeline.run(CONFIG, cache, meter=None).output
     assert 0.0 <= out["score"] <= 1.0
-    data = cache.load(pipeline.prefix_keys(CONFIG)[0]).value
+    data = cache.load(pipeline.prefix_keys(CONFIG)[0], workdir=tmp_path / "loaded").value
     assert set(data["validation"]["target"]) <= {p["target"] for p in pairs}
 
 
@@ -494,7 +495,7 @@ def test_local_pretrained_teacher_student_and_tokenizer(tmp_path):
     out = pipeline.run(CONFIG, cache, meter=None).output
     assert 0.0 <= out["score"] <= 1.0
     keys = dict(zip(STAGES, pipeline.prefix_keys(CONFIG), strict=True))
-    distilled = cache.load(keys["distill1"]).value
+    distilled = cache.load(keys["distill1"], workdir=tmp_path / "loaded").value
     # The saved models, not "tiny".
     assert T5Config.from_pretrained(distilled["teacher_dir"]).d_model == 32
     assert T5Config.from_pretrained(distilled["student_dir"]).d_model == 16
