@@ -390,7 +390,13 @@ def test_layer_survives_a_ray_restart_in_the_same_driver(ray_local: Any) -> None
     cache.store(key, _array(0), meta)
     old_address = ray.get_runtime_context().gcs_address
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="eeipu_ray", logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="eeipu_ray",
+        logging_level="WARNING",
+    )
     try:
         assert ray.get_runtime_context().gcs_address != old_address
         assert cache.load(key) is None  # a new cluster: a new, empty layer
