@@ -26,7 +26,9 @@ export HF_HUB_OFFLINE=1   # T5 models are built from a config or a local path; n
 
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"   # loopback-only test clusters
 ruff check .
-mkdocs build --strict --site-dir "$(mktemp -d)"   # the docs and their API reference
+site="$(mktemp -d)"
+mkdocs build --strict --site-dir "$site"   # the docs and their API reference
+rm -rf "$site"
 # Two worker processes (pytest-xdist), each taking whole modules: a module's
 # tests share its fixtures (a Ray cluster, a sweep). Many tests wait on process
 # and cluster start-up, so two workers finish in about two thirds of the time
