@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 
 from eeipu_ray.cli._common import UsageError
-from eeipu_ray.cli._resume import check_saved_state
-
-STATE_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+from eeipu_ray.cli._resume import STATE_FILES, check_saved_state
 
 
 def _snapshot(exp_dir: Path) -> dict[str, bytes]:
     files = {}
-    for pattern in STATE_PATTERNS:
+    for pattern, _ in STATE_FILES:
         for path in glob.glob(str(exp_dir / pattern)):
             try:
                 files[path] = Path(path).read_bytes()

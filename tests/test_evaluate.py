@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli.helpers import call_main
 from tests.test_benchmarks_smoke import BENCH, run_script
 
 sys.path.insert(0, str(BENCH))
@@ -21,12 +22,7 @@ from optima import OPTIMA_FILE, load_optima
 def evaluate_here(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     """``evaluate.py ARGV`` in this process (reports and refusals run no sweep):
     its exit status, stdout and stderr."""
-    try:
-        status = evaluate.main(list(argv))
-    except SystemExit as exc:  # argparse's refusals
-        status = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return status, out, err
+    return call_main(evaluate.main, list(argv), capsys)
 
 
 def test_paired_t():

@@ -81,7 +81,7 @@ def check_experiment_dir(exp_dir: str) -> None:
 #: The state files Tune restores from (the newest of each by name, as Tune
 #: picks them) and how each is read: the experiment state is JSON, the search
 #: generator's and the searcher's states are pickles.
-_STATE_FILES = (
+STATE_FILES = (
     ("experiment_state-*.json", "json"),
     ("search_gen_state-*.json", "pickle"),
     ("searcher-state-*.pkl", "pickle"),
@@ -101,10 +101,10 @@ def check_saved_state(exp_dir: str) -> None:
             no trial, or the newest search state is unreadable.
     """
     newest: dict[str, tuple[str, str]] = {}
-    for pattern, kind in _STATE_FILES:
-        paths = sorted(glob.glob(os.path.join(glob.escape(exp_dir), pattern)))
+    for pattern, kind in STATE_FILES:
+        paths = glob.glob(os.path.join(glob.escape(exp_dir), pattern))
         if paths:
-            newest[pattern] = (paths[-1], kind)
+            newest[pattern] = (max(paths), kind)
     start_again = "nothing to resume: start the sweep again (under another --name)"
     if "experiment_state-*.json" not in newest:
         raise UsageError(f"--resume {exp_dir}: it holds no experiment_state-*.json, {start_again}")

@@ -1,10 +1,12 @@
-"""Running ``eeipu-ray`` as users do: a subprocess, in Ray's current output mode."""
+"""Running ``eeipu-ray`` as users do (a subprocess, in Ray's current output mode), or a
+command's ``main()`` in this process for what is refused before anything starts."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +42,21 @@ def run_cli(
     )
 
 
-def run_main(argv: list[str], capsys: Any) -> tuple[int, str, str]:
-    """``eeipu-ray ARGV`` in this process: its exit status (argparse exits; ``main``
-    returns), stdout and stderr (read from pytest's ``capsys``)."""
-    from eeipu_ray.cli import main
-
+def call_main(
+    main: Callable[[list[str]], int], argv: list[str], capsys: Any
+) -> tuple[int, str, str]:
+    """A command's ``main(argv)`` in this process: its exit status (argparse exits;
+    ``main`` returns), stdout and stderr (read from pytest's ``capsys``)."""
     try:
         status = main(argv)
     except SystemExit as exc:
         status = int(exc.code or 0)
     out, err = capsys.readouterr()
     return status, out, err
+
+
+def run_main(argv: list[str], capsys: Any) -> tuple[int, str, str]:
+    """``eeipu-ray ARGV`` in this process (see :func:`call_main`)."""
+    from eeipu_ray.cli import main
+
+    return call_main(main, argv, capsys)

@@ -18,6 +18,7 @@ import pytest
 from ray import tune
 
 from eeipu_ray.cache import PrefixCache
+from tests.cli.helpers import run_cli
 from tests.tune.toy_pipeline import (
     STAGES,
     make_pipeline,
@@ -163,8 +164,6 @@ def test_the_command_without_address_starts_a_cluster_of_its_own(
     """A running cluster records its address for ``ray.init()`` to find (as ``ray
     start`` does); ``eeipu-ray run`` without ``--address`` still starts a local
     cluster of its own, as its help says, instead of joining that one."""
-    from tests.cli.helpers import run_cli
-
     proc = run_cli(
         "run",
         "synthetic",
